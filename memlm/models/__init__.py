@@ -1,0 +1,4 @@
+"""Model definitions: blocks, the decoder, the KV interface, and named presets."""
+from memlm.models.transformer import Transformer
+
+__all__ = ["Transformer"]

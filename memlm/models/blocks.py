@@ -1,0 +1,165 @@
+"""Layer building blocks: norms, rotary embeddings, attention (MHA/GQA), MLPs, a recurrent
+mixer, and the decoder layer that composes a mixer with an MLP.
+
+Owns: the math of one layer. Does not know: where K/V live (it calls `kv.attend`), how
+weights were loaded, or which layers share parameters (that is `transformer.py`).
+Parameter names here are memlm's checkpoint names; loaders map other formats onto them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memlm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+def activation(name: str):
+    return {
+        "silu": F.silu,
+        "relu": F.relu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    }[name]
+
+
+class Rotary:
+    """Rotary position embedding in the Hugging Face "rotate half" layout."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (N,) -> cos, sin each (N, 1, head_dim), broadcastable over heads."""
+        freqs = positions.to(torch.float64)[:, None] * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # (N, hd)
+        return emb.cos().float()[:, None, :], emb.sin().float()[:, None, :]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (N, heads, hd) rotated by position."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        H = cfg.hidden_size
+        self.q_proj = nn.Linear(H, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, H, bias=cfg.o_bias)
+        self.use_rope = cfg.position == "rope"
+
+    def forward(self, x, depth: int, kv, rope: tuple | None):
+        N = x.shape[0]
+        q = self.q_proj(x).view(N, self.n_heads, self.hd)  # (N, nh, hd)
+        k = self.k_proj(x).view(N, self.n_kv, self.hd)     # (N, nkv, hd)
+        v = self.v_proj(x).view(N, self.n_kv, self.hd)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+        out = kv.attend(depth, q, k, v)  # (N, nh, hd)
+        return self.o_proj(out.reshape(N, self.n_heads * self.hd))
+
+
+class RecurrentMixer(nn.Module):
+    """A gated linear recurrence (minGRU-style) with a fixed-size state per sequence.
+
+        a_t = sigmoid(W_a x_t)           forget gate, per channel
+        h_t = a_t * h_{t-1} + (1 - a_t) * W_x x_t
+        y_t = W_o (h_t * silu(W_g x_t))
+
+    The state is one vector of `hidden_size` per sequence regardless of length, so a
+    recurrent layer needs no KV cache.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.in_proj = nn.Linear(H, 3 * H, bias=True)   # -> gate logits, candidate, output gate
+        self.out_proj = nn.Linear(H, H, bias=False)
+
+    def scan(self, x: torch.Tensor, state: torch.Tensor | None):
+        """x (B, T, H), state (B, H) or None -> y (B, T, H), final state (B, H)."""
+        B, T, H = x.shape
+        a_logit, cand, gate = self.in_proj(x).chunk(3, dim=-1)
+        a = torch.sigmoid(a_logit)
+        b = (1 - a) * cand                                  # (B, T, H)
+        h = x.new_zeros(B, H) if state is None else state
+        # Chunked parallel form: inside a chunk h_t = P_t * (h0 + cumsum(b_s / P_s)) with
+        # P_t = prod a; chunks of 16 keep 1/P_s well inside fp32 range (a >= sigmoid(-inf)
+        # is clamped).
+        log_a = torch.log(a.clamp_min(1e-4))
+        outs = []
+        for s in range(0, T, 16):
+            la = log_a[:, s:s + 16].cumsum(dim=1)           # (B, c, H)
+            P = la.exp()
+            hs = P * (h[:, None, :] + (b[:, s:s + 16] * (-la).exp()).cumsum(dim=1))
+            outs.append(hs)
+            h = hs[:, -1]
+        hseq = torch.cat(outs, dim=1)
+        y = self.out_proj(hseq * F.silu(gate))
+        return y, h
+
+    def forward(self, x, depth: int, kv, rope=None):
+        return kv.recurrent(depth, x, self)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        self.gated = cfg.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(I, H, bias=cfg.mlp_bias)
+        self.act = activation(cfg.activation)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+MIXER_REGISTRY = {"attention": Attention, "recurrent": RecurrentMixer}
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual layer: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, mixer: str):
+        super().__init__()
+        self.mixer_kind = mixer
+        self.attn_norm = make_norm(cfg)
+        self.attn = MIXER_REGISTRY[mixer](cfg)
+        self.has_mlp = cfg.mlp != "none"
+        if self.has_mlp:
+            self.mlp_norm = make_norm(cfg)
+            self.mlp = MLP(cfg)
+
+    def forward(self, x, depth: int, kv, rope):
+        x = x + self.attn(self.attn_norm(x), depth, kv, rope)
+        if self.has_mlp:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x

@@ -10,8 +10,7 @@ import argparse
 import sys
 
 from memlm.errors import MemlmError
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from memlm.models.registry import DEFAULT_MODEL
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

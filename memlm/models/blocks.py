@@ -55,6 +55,7 @@ class Rotary:
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (N, heads, hd) rotated by position."""
         half = x.shape[-1] // 2
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 

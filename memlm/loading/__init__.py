@@ -1,0 +1,46 @@
+"""Loading models: one entry point, `load_model`, over GGUF files, Hugging Face directories,
+memlm checkpoints and named presets.
+
+Owns: deciding which loader a name or path goes to. Does not know: file formats (`gguf.py`,
+`hf.py`), tokenizers (`tokenizer.py`), or where presets live (`memlm.models.registry`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from memlm.errors import ModelLoadError
+from memlm.loading.base import LoadedModel
+from memlm.loading.gguf import load_gguf
+from memlm.loading.hf import PICKLE_SUFFIXES, load_hf_dir, refuse_pickle
+from memlm.loading.tokenizer import IncrementalDetokenizer, Tokenizer
+from memlm.models.registry import DEFAULT_MODEL, is_preset, known_names, resolve_preset
+
+__all__ = ["DEFAULT_MODEL", "IncrementalDetokenizer", "LoadedModel", "Tokenizer", "load_gguf",
+           "load_hf_dir", "load_model"]
+
+
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, device="cpu", dtype=torch.float32) -> LoadedModel:
+    """Load a preset name ("smollm2-135m-instruct"), a .gguf file, or a model directory.
+
+    Raises:
+        ModelLoadError (or UnsupportedModelError): with a one-line message saying what to do.
+    """
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if not path.exists() and is_preset(text):
+        return load_gguf(resolve_preset(text), device=device, dtype=dtype)
+    if path.is_file() and (path.suffix == ".safetensors" or path.name.endswith("config.json")):
+        path = path.parent                      # a file inside a checkpoint directory
+    if path.is_dir():
+        return load_hf_dir(path, device=device, dtype=dtype)
+    if path.suffix == ".gguf" or (path.is_file() and path.suffix not in PICKLE_SUFFIXES):
+        return load_gguf(path, device=device, dtype=dtype)
+    if path.suffix in PICKLE_SUFFIXES:
+        if path.is_file():
+            refuse_pickle(path)
+        raise ModelLoadError(f"{path} does not exist (and memlm never loads pickle checkpoints; "
+                             "use safetensors or GGUF)")
+    raise ModelLoadError(f"model {text!r} is not a known name, a .gguf file or a model directory: "
+                         f"use one of {', '.join(known_names())} or a path")

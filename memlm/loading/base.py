@@ -1,0 +1,94 @@
+"""What every loader returns, and the tensor-by-tensor copy that keeps loading memory flat.
+
+Owns: `LoadedModel` and `WeightSink`, which builds a `Transformer` with uninitialised storage
+(no random init, no second copy of the weights) and fills it one named tensor at a time,
+checking shapes and that nothing was left unfilled.
+Does not know: file formats or name mappings (`gguf.py`, `hf.py` translate names to memlm's).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memlm.config import ModelConfig
+from memlm.errors import ModelLoadError
+from memlm.loading.tokenizer import Tokenizer
+from memlm.models.blocks import Rotary
+from memlm.models.transformer import Transformer
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: Transformer          # eval mode, requires_grad False
+    tokenizer: Tokenizer
+    source: str                 # the file or directory the weights came from
+    format: str                 # "gguf" | "hf" | "memlm"
+    weight_bytes: int           # bytes of parameters as held in memory
+
+
+def release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Dequantizing allocates many few-MB numpy temporaries; glibc keeps freed ones in its heap, which
+    left ~90 MB of dead RSS after loading SmolLM2. Trimming as we go keeps the peak near the weights.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+class WeightSink:
+    """A model whose parameters are filled in one tensor at a time.
+
+    The model is built on the `meta` device (no memory, no init), then given uninitialised
+    storage of the final dtype, so peak memory while loading is the final weights plus the one
+    tensor being converted.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, device="cpu", dtype=torch.float32, source: str = ""):
+        self.source = source
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        self.model = model.to(dtype=dtype).to_empty(device=device)
+        if self.model.rotary is not None:   # plain tensors (not buffers) were made on meta too
+            self.model.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.params = dict(self.model.named_parameters())
+        self.filled: set[str] = set()
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        """Copy `value` into parameter `name` (memlm naming), converting dtype and device."""
+        param = self.params.get(name)
+        if param is None:
+            raise ModelLoadError(f"{self.source}: tensor {name!r} has no place in the model built from "
+                                 "its config; the checkpoint and its config disagree")
+        if tuple(param.shape) != tuple(value.shape):
+            raise ModelLoadError(f"{self.source}: tensor {name!r} has shape {tuple(value.shape)}, the config "
+                                 f"implies {tuple(param.shape)}; the checkpoint and its config disagree")
+        with torch.no_grad():
+            param.copy_(value)
+        self.filled.add(name)
+        if value.numel() >= 1 << 18:   # big temporaries just died: give their pages back
+            release_free_heap()
+
+    def finish(self) -> Transformer:
+        """Check every parameter was filled; return the model in eval mode without gradients."""
+        missing = sorted(set(self.params) - self.filled)
+        if missing:
+            more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise ModelLoadError(f"{self.source}: checkpoint lacks tensors {missing[:3]}{more}; "
+                                 "the file is incomplete or not the architecture its config names")
+        self.model.eval()
+        self.model.requires_grad_(False)
+        return self.model

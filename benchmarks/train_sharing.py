@@ -1,0 +1,60 @@
+"""Acceptance experiment 3: cross-layer sharing. A 1-layer model, the same block run at every
+depth of an N-deep stack (ALBERT, same parameters as 1 layer), in-place repetition (MobileLLM:
+N/2 unique blocks each run twice), and the unshared N-layer model; same tokens and steps.
+
+Target: the fully shared model closes >= 50% of the validation-loss gap between the 1-layer
+and the unshared model.
+
+    python benchmarks/train_sharing.py --depth 6 --steps 300 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from train_common import describe, header, setup, train_student
+
+from memlm.training.trainer import TrainConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--width", default="hidden=128,heads=4,kv_heads=2,ffn=344")
+    ap.add_argument("--depth", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default="1-layer,shared-all,repeat2,unshared")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    tok, splits = setup(args.threads)
+    print(header())
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      schedule="cosine", warmup=args.steps // 20, eval_every=args.steps, eval_tokens=16384)
+    d = args.depth
+    specs = {"1-layer": f"layers=1,{args.width}", "shared-all": f"layers={d},share=all,{args.width}",
+             "repeat2": f"layers={d},share=repeat2,{args.width}", "unshared": f"layers={d},{args.width}"}
+    results = {}
+    for name, spec in ((n, specs[n]) for n in args.variants.split(",")):
+        _, r = train_student(spec, tok, splits, cfg)
+        results[name] = {"spec": describe(spec, tok), "val_loss": r.final_val_loss, "steps": r.steps,
+                         "tokens": r.tokens, "wall_s": round(r.wall_s, 1)}
+        print(f"{name:11s} {describe(spec, tok)}: val loss {r.final_val_loss:.4f} "
+              f"(ppl {math.exp(r.final_val_loss):.2f}), {r.steps} steps, {r.tokens} tokens, {r.wall_s:.0f} s", flush=True)
+    if not {"1-layer", "unshared"} <= set(results):
+        return
+    one, full = results["1-layer"]["val_loss"], results["unshared"]["val_loss"]
+    for name in (n for n in ("shared-all", "repeat2") if n in results):
+        closed = (one - results[name]["val_loss"]) / (one - full) if one != full else math.nan
+        results[name]["gap_closed"] = closed
+        print(f"{name} closes {100 * closed:.0f}% of the 1-layer -> unshared gap (target >= 50% for shared-all)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""`memlm train | distill | eval` end to end on tiny models and text (no embedded teacher)."""
+import argparse
+
+import pytest
+import torch
+
+from memlm.config import ModelConfig
+from memlm.errors import MemlmError
+from memlm.models import Transformer
+from memlm.training import checkpoint
+from memlm.training.cli import add_commands
+from memlm.training.data import TextTokenizer
+
+pytest.importorskip("memlm.loading")
+TEXT = "\n\n".join(f"Scene {i}. Enter the king and the queen; they speak of crowns, of {i} ships "
+                   "and of the sea. Exeunt." for i in range(400))
+
+
+def run(argv):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "corpus.txt").write_text(TEXT)
+    tok = TextTokenizer.train([TEXT], vocab_size=300)
+    torch.manual_seed(0)
+    teacher = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=2,
+                                      intermediate_size=64, eos_token_ids=tok.eos_token_ids))
+    checkpoint.save_model(teacher, d / "teacher", tok)
+    return d
+
+
+def test_train_eval_resume(world, capsys):
+    d = world
+    common = ["--corpus", str(d / "corpus.txt"), "--data-dir", str(d / "data"), "--seq-len", "16",
+              "--batch-size", "2", "--eval-every", "2", "--eval-tokens", "64", "--out", str(d / "student")]
+    assert run(["train", "--tokenizer", str(d / "teacher"), "--student", "layers=2,hidden=32,heads=2,mixers=AR",
+                "--steps", "2", *common]) == 0
+    assert run(["train", "--tokenizer", str(d / "teacher"), "--student", "layers=2,hidden=32,heads=2,mixers=AR",
+                "--steps", "4", "--resume", *common]) == 0
+    out = capsys.readouterr().out
+    assert "train: 4 steps" in out and "memlm generate --model" in out
+    assert run(["eval", "--model", str(d / "student"), "--text-file", str(d / "corpus.txt"),
+                "--context", "32", "--max-tokens", "200"]) == 0
+    line = capsys.readouterr().out
+    ppl = float(line.split("perplexity ")[1].split()[0])
+    assert 1 < ppl < 300 and "199 tokens" in line
+
+
+def test_distill_with_cache_and_plan(world, capsys):
+    d = world
+    assert run(["distill", "--teacher", str(d / "teacher"), "--student", "layers=2,hidden=16,heads=2",
+                "--corpus", str(d / "corpus.txt"), "--data-dir", str(d / "data"), "--seq-len", "16",
+                "--batch-size", "2", "--steps", "3", "--top-k", "4", "--eval-every", "3", "--eval-tokens", "64",
+                "--out", str(d / "distilled")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher cache" in out and "distill: 3 steps" in out
+    from memlm.loading import load_model
+    assert load_model(d / "distilled").config.hidden_size == 16
+    assert run(["distill", "--teacher", str(d / "teacher"), "--fit", "2MiB", "--plan"]) == 0
+    assert "picked student" in capsys.readouterr().out
+    with pytest.raises(MemlmError, match="smaller than the smallest student"):
+        run(["distill", "--teacher", str(d / "teacher"), "--fit", "10KiB", "--plan"])
+    with pytest.raises(MemlmError, match="only one of"):
+        run(["distill", "--teacher", str(d / "teacher"), "--fit", "2MiB", "--student", "tiny"])
+
+
+def test_distill_refuses_other_tokenizer(world, tmp_path):
+    tok = TextTokenizer.train(["completely different text " * 50], vocab_size=280)
+    other = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=1, num_heads=2))
+    checkpoint.save_model(other, tmp_path / "other", tok)
+    with pytest.raises(MemlmError, match="tokenizer mismatch"):
+        run(["distill", "--teacher", str(world / "teacher"), "--init", str(tmp_path / "other"), "--plan"])
+
+
+def test_online_cli(world, capsys):
+    d = world
+    (d / "stream.txt").write_text(TEXT[:3000])
+    assert run(["train", "--online", "--model", str(d / "teacher"), "--stream", str(d / "stream.txt"),
+                "--chunk-chars", "1000", "--max-wait-s", "0", "--seq-len", "16", "--batch-size", "2",
+                "--steps-per-chunk", "2", "--online-lr", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "test-then-train perplexity" in out and "chunk 2" in out
+    with pytest.raises(MemlmError, match="needs --model"):
+        run(["train", "--online"])
+
+
+def test_eval_bad_inputs(world, tmp_path):
+    with pytest.raises(MemlmError, match="does not exist"):
+        run(["eval", "--model", str(world / "teacher"), "--text-file", str(tmp_path / "none.txt")])
+    (tmp_path / "one.txt").write_text("a")
+    with pytest.raises(MemlmError, match="too short"):
+        run(["eval", "--model", str(world / "teacher"), "--text-file", str(tmp_path / "one.txt")])

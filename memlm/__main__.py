@@ -1,0 +1,4 @@
+"""`python -m memlm` runs the CLI."""
+from memlm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""The paged engine: step() = schedule -> run -> update, plus start-up sizing and metrics.
+
+Owns: wiring (budget -> KV block count -> BlockPool + KVStore; Scheduler; ModelRunner), the
+warm-up profile that measures the step workspace, request bookkeeping (add / abort / which
+requests changed), and `EngineMetrics`.
+Does not know: tensor code (runner, kv_store) or scheduling policy (scheduler).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from memlm.engine.request import Request
+from memlm.engine.runner import ModelRunner
+from memlm.engine.scheduler import Scheduler, SchedulerConfig
+from memlm.memory import budget as mem
+from memlm.memory import paged_attention
+from memlm.memory.block_pool import BlockPool
+from memlm.memory.kv_store import KVStore
+
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TRIM_EVERY_STEPS = 32
+GPU_KV_FRACTION = 0.5   # of free GPU memory for the KV pool when running on CUDA
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine knobs. `num_kv_blocks` overrides the budget's choice (tests, experiments)."""
+
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    kv_dtype: str = "auto"              # "auto": fp16 on CPU with the native decode kernel, else fp32
+    num_kv_blocks: int | None = None
+    max_model_len: int = 2048
+    gather_cap_tokens: int = 32768
+
+    def __post_init__(self):
+        if self.kv_dtype not in KV_DTYPES and self.kv_dtype != "auto":
+            raise ValueError(f"kv_dtype must be 'auto' or one of {sorted(KV_DTYPES)}, got {self.kv_dtype!r}")
+        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+
+@dataclass
+class EngineMetrics:
+    """A snapshot of the engine, readable from Python (`llm.metrics`) and printed by bench."""
+
+    num_kv_blocks: int
+    block_size: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    fragmentation: float            # now: allocated-but-unused slots / allocated slots
+    mean_fragmentation: float       # averaged over steps that held blocks
+    num_preemptions: int
+    num_waiting: int
+    num_running: int
+    prefill_tokens: int
+    decode_tokens: int
+    prefill_seconds: float          # time of steps that contained prefill tokens
+    decode_seconds: float           # time of decode-only steps
+    num_steps: int
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class LLMEngine:
+    def __init__(self, model, config: EngineConfig, budget: mem.MemoryBudget | None = None,
+                 device: torch.device | str = "cpu", verbose: bool = False):
+        self.model, self.config, self.budget = model, config, budget
+        self.device = torch.device(device)
+        cfg = model.cfg
+        max_len = min(config.max_model_len, cfg.max_position_embeddings)
+        self.runner = ModelRunner(model, self.device, config.block_size, config.gather_cap_tokens)
+        if config.kv_dtype != "auto":
+            kv_dtype = KV_DTYPES[config.kv_dtype]
+        elif self.device.type == "cpu" and paged_attention.available():
+            # Decode attention is memory-bound: fp16 K/V halve both the pool and the bytes read,
+            # and the native kernel widens them to fp32 on load (attention error ~1e-4).
+            kv_dtype = torch.float16
+        else:
+            kv_dtype = torch.float32
+
+        def block_bytes(dtype):
+            return KVStore.bytes_per_block(len(cfg.attention_depths), config.block_size,
+                                           cfg.num_kv_heads, cfg.head_dim, dtype)
+        num_blocks = config.num_kv_blocks
+        if budget is not None and self.device.type == "cpu":
+            budget.weights = getattr(model, "weight_bytes", lambda: 0)()
+            self._profile(budget, max_len, kv_dtype)
+            resident = mem.current_rss()
+            planned = budget.plan_kv_blocks(resident, block_bytes(kv_dtype), config.block_size)
+            num_blocks = min(num_blocks or planned, planned)
+        if num_blocks is None and self.device.type == "cuda":   # GPU memory is not in the RSS budget
+            free, _ = torch.cuda.mem_get_info(self.device)
+            num_blocks = int(free * GPU_KV_FRACTION) // block_bytes(kv_dtype)
+        if num_blocks is None:   # no budget: room for every sequence at up to 1024 tokens
+            num_blocks = config.max_num_seqs * -(-min(max_len, 1024) // config.block_size)
+        num_blocks = max(1, num_blocks)
+        self.kv_dtype = kv_dtype
+        if budget is not None:
+            budget.kv_pool = num_blocks * block_bytes(kv_dtype)
+        self.pool = BlockPool(num_blocks, config.block_size)
+        self.runner.store = KVStore(cfg.attention_depths, num_blocks, config.block_size,
+                                    cfg.num_kv_heads, cfg.head_dim, kv_dtype, self.device)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   max_len),
+                                   self.pool, can_share_blocks="recurrent" not in cfg.mixers)
+        if verbose and budget is not None:
+            print(f"memlm: memory plan\n{self.describe_plan()}", file=sys.stderr, flush=True)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = 0
+        self._stats = dict(prefill_tokens=0, decode_tokens=0, prefill_seconds=0.0,
+                           decode_seconds=0.0, steps=0, frag_sum=0.0, frag_steps=0)
+
+    def _profile(self, budget: mem.MemoryBudget, max_len: int, kv_dtype) -> None:
+        """Measure the peak of the largest step (vLLM's warm-up profile) and the slack it leaves."""
+        before = mem.current_rss()
+        mem.reset_peak_rss()
+        self.runner.profile(self.config.max_num_batched_tokens, self.config.max_num_seqs, max_len, kv_dtype)
+        budget.workspace = max(0, mem.peak_rss() - before)
+        mem.release_free_heap()
+        # What the step left behind for good (thread pools, BLAS buffers) is not workspace.
+        budget.margin = (mem.MIN_MARGIN + max(0, mem.current_rss() - before)
+                         + int(budget.total * mem.ALLOCATOR_SLACK))
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        request.arrival = self._arrivals
+        self._arrivals += 1
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.abort(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """schedule -> run -> update. Returns the requests that changed (finished ones last time)."""
+        sched = self.scheduler.schedule()
+        changed: dict[str, Request] = {}
+        if not sched.is_empty:
+            out = self.runner.execute(sched)
+            self.scheduler.update(sched, out.sampled)
+            for s in sched.scheduled:
+                req = s.seq.request
+                changed[req.request_id] = req
+                if s.seq.seq_id in out.prompt_logprobs:
+                    req.prompt_logprobs.extend(out.prompt_logprobs[s.seq.seq_id])
+            self._record(out)
+        elif sched.freed_seq_ids:
+            self.runner.drop_states(sched.freed_seq_ids)
+        for rid, req in list(self.requests.items()):
+            if req.finished:
+                changed[rid] = req
+                del self.requests[rid]
+        return list(changed.values())
+
+    def _record(self, out) -> None:
+        st = self._stats
+        st["steps"] += 1
+        if st["steps"] % TRIM_EVERY_STEPS == 0 and self.device.type == "cpu":
+            mem.release_free_heap()     # freed heap pages back to the OS: RSS tracks live data
+        if out.num_prefill_tokens:
+            st["prefill_seconds"] += out.seconds
+        else:
+            st["decode_seconds"] += out.seconds
+        st["prefill_tokens"] += out.num_prefill_tokens
+        st["decode_tokens"] += out.num_decode_tokens
+        if self.pool.num_used_blocks:
+            st["frag_sum"] += self._fragmentation()
+            st["frag_steps"] += 1
+
+    def _fragmentation(self) -> float:
+        """Allocated-but-unused token slots / allocated slots (shared blocks counted once)."""
+        allocated = self.pool.num_used_blocks * self.pool.block_size
+        if not allocated:
+            return 0.0
+        filled: dict[int, int] = {}
+        bs = self.pool.block_size
+        for seq in self.scheduler.running:
+            for j, b in enumerate(seq.block_table):
+                n = min(bs, max(0, seq.num_computed_tokens - j * bs))
+                filled[b] = max(filled.get(b, 0), n)
+        return 1.0 - sum(filled.values()) / allocated
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        st = self._stats
+        return EngineMetrics(
+            num_kv_blocks=self.pool.num_blocks, block_size=self.pool.block_size,
+            kv_blocks_used=self.pool.num_used_blocks, kv_blocks_free=self.pool.num_free_blocks,
+            fragmentation=self._fragmentation(),
+            mean_fragmentation=st["frag_sum"] / st["frag_steps"] if st["frag_steps"] else 0.0,
+            num_preemptions=self.scheduler.num_preemptions, num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running, prefill_tokens=st["prefill_tokens"],
+            decode_tokens=st["decode_tokens"], prefill_seconds=st["prefill_seconds"],
+            decode_seconds=st["decode_seconds"], num_steps=st["steps"])
+
+    def describe_plan(self) -> str:
+        """The budget ledger and KV pool size, a few lines."""
+        dtype = str(self.kv_dtype).replace("torch.", "")
+        if self.budget is None:
+            return f"  KV pool: {self.pool.num_blocks} blocks x {self.pool.block_size} tokens ({dtype}), no budget"
+        return self.budget.describe(self.pool.block_size, self.pool.num_blocks) + f" ({dtype})"
+
+
+def format_metrics(m: EngineMetrics) -> str:
+    return (f"KV blocks {m.kv_blocks_used}/{m.num_kv_blocks} used, fragmentation "
+            f"{m.mean_fragmentation:.1%} (mean), preemptions {m.num_preemptions}, "
+            f"prefill {m.prefill_tokens_per_s:.0f} tok/s, decode {m.decode_tokens_per_s:.0f} tok/s")
+
+

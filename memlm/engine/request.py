@@ -1,0 +1,136 @@
+"""Requests and their sequences: the state the scheduler and engines move around.
+
+Owns: `Request` (one user prompt with its SamplingParams and n completions), `Sequence`
+(one completion: the unit the scheduler schedules, with its block table and computed-token
+count) and `RequestStatus`. Counts are properties derived from the token lists.
+Does not know: tensors, the block pool's internals, or how tokens are sampled.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+
+from memlm.engine.detokenizer import CompletionState
+from memlm.outputs import RequestOutput
+from memlm.sampling import SamplingParams, make_generator
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"          # queued, holds no KV blocks
+    RUNNING = "running"          # holds KV blocks, scheduled each step
+    PREEMPTED = "preempted"      # blocks taken back; will recompute from its tokens
+    FINISHED = "finished"        # done (see the completion's finish_reason)
+
+    @property
+    def is_finished(self) -> bool:
+        return self is RequestStatus.FINISHED
+
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    """One completion of a request.
+
+        tokens:   [ prompt ........ | output ..... ]
+        computed: [ KV stored ............ | to compute ]   num_computed_tokens
+    A sequence needs a forward pass over `all_token_ids[num_computed_tokens:]`; once everything
+    is computed, the last position's logits sample the next token.
+    """
+
+    def __init__(self, request: "Request", index: int, seed: int | None, device="cpu"):
+        self.seq_id = next(_seq_ids)
+        self.request = request
+        self.index = index
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.status = RequestStatus.WAITING
+        self.num_preemptions = 0
+        self.generator = make_generator(None if seed is None else seed + 1_000_003 * index, device)
+        self.completion = CompletionState(index, request.tokenizer, request.params,
+                                          request.eos_token_ids, request.prompt_token_ids)
+
+    # --- derived counts ---------------------------------------------------------------
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_output_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """True until the prompt (and any recomputed output) is in the KV cache."""
+        return self.num_uncomputed_tokens > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status.is_finished
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        P = self.num_prompt_tokens
+        if end <= P:
+            return self.prompt_token_ids[start:end]
+        if start >= P:                        # decode: no copy of the whole history
+            return self.output_token_ids[start - P:end - P]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - P]
+
+    def append_token(self, token_id: int, logprobs=None) -> bool:
+        """Record a sampled token; returns True if the completion finished."""
+        self.output_token_ids.append(int(token_id))
+        return self.completion.add_token(token_id, logprobs)
+
+
+class Request:
+    """One prompt and its n completions."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, tokenizer, eos_token_ids=(), arrival: int = 0,
+                 device="cpu"):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = [int(t) for t in prompt_token_ids]
+        self.params = params
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.arrival = arrival
+        self.error: str | None = None
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
+        self.sequences = [Sequence(self, i, params.seed, device) for i in range(params.n)]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.sequences)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
+
+    def fail(self, message: str) -> None:
+        """Finish every completion with an error (this request only)."""
+        self.error = message
+        for s in self.sequences:
+            s.completion.finish("error")
+            s.status = RequestStatus.FINISHED
+
+    def to_output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_token_ids),
+            outputs=[s.completion.to_output() for s in self.sequences],
+            finished=self.finished, prompt_logprobs=self.prompt_logprobs, error=self.error)

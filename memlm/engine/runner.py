@@ -1,0 +1,211 @@
+"""The model runner: SchedulerOutput -> batch tensors -> forward over paged KV -> sample.
+
+Owns: the device, the model, the `KVStore`, per-sequence recurrent state, and building one
+step's flattened batch (decodes first, grouped by context length, then prefill chunks) with
+its slot mapping. Computes logits only for rows that sample (and prompt-logprob rows, in
+small chunks). Returns a typed `RunnerOutput`.
+Does not know: policy — who runs, preemption, finishing; it computes exactly what it is told.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from memlm.engine.scheduler import ScheduledSeq, SchedulerOutput
+from memlm.memory.kv_store import DecodeGroup, KVStore, PagedBatch, PagedView, PrefillSegment
+from memlm.sampling import SampleRow, Sampler, top_logprobs
+
+LOGPROB_CHUNK = 64   # prompt-logprob rows per logits call: bounds the (rows, vocab) workspace
+
+
+def bf16_matmul_is_fast(device: torch.device) -> bool:
+    """True when bf16 matmuls beat fp32 by 2x here (CPUs with AMX / AVX512-BF16, all GPUs).
+
+    Measured, not guessed from flags: without hardware support bf16 matmul on CPU is ~100x
+    slower than fp32, with AMX it is ~5x faster.
+    """
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    x32, w32 = torch.randn(128, 512), torch.randn(1024, 512)
+    x16, w16 = x32.bfloat16(), w32.bfloat16()
+
+    def best(x, w):
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - t)
+        return min(times)
+    return best(x16, w16) * 2 < best(x32, w32)
+
+
+@dataclass
+class RunnerOutput:
+    """What one step produced."""
+
+    sampled: dict[int, tuple[int, dict | None]] = field(default_factory=dict)  # seq_id -> (token, logprobs)
+    prompt_logprobs: dict[int, list[dict]] = field(default_factory=dict)       # seq_id -> new entries
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    seconds: float = 0.0
+
+
+class ModelRunner:
+    """Runs steps over a `KVStore`; `profile()` can run before the store exists."""
+
+    def __init__(self, model, device: torch.device, block_size: int, gather_cap_tokens: int = 16384):
+        self.model = model
+        self.store: KVStore | None = None
+        self.device = device
+        self.block_size = block_size
+        self.gather_cap = gather_cap_tokens   # padded K/V tokens gathered per decode group
+        self.sampler = Sampler()
+        self.recurrent_states: dict = {}
+
+    def drop_states(self, seq_ids: list[int]) -> None:
+        if self.recurrent_states and seq_ids:
+            gone = set(seq_ids)
+            for key in [k for k in self.recurrent_states if k[0] in gone]:
+                del self.recurrent_states[key]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        t0 = time.perf_counter()
+        self.drop_states(out.freed_seq_ids)
+        decodes = sorted((s for s in out.scheduled if s.is_decode), key=lambda s: -s.start)
+        prefills = [s for s in out.scheduled if not s.is_decode]
+        order = decodes + prefills
+        input_ids, positions, slots = [], [], []
+        for s in order:
+            input_ids += s.token_ids
+            for pos in range(s.start, s.start + s.num_tokens):
+                positions.append(pos)
+                slots.append(s.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
+        dev = self.device
+        batch = PagedBatch(torch.tensor(slots, dtype=torch.long, device=dev),
+                           self._prefill_segments(prefills, len(decodes)),
+                           self._decode_groups(decodes))
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)     # (N,)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)     # (N,)
+        hidden = self.model(ids_t, pos_t, PagedView(self.store, batch, self.recurrent_states))  # (N, H)
+
+        result = RunnerOutput(num_decode_tokens=len(decodes),
+                              num_prefill_tokens=sum(s.num_tokens for s in prefills))
+        row, rows, sample_rows, sample_ids = 0, [], [], []
+        for s in order:
+            last = row + s.num_tokens - 1
+            if self._wants_prompt_logprobs(s):
+                result.prompt_logprobs[s.seq.seq_id] = self._prompt_logprobs(s, hidden[row:last + 1])
+            if s.samples:
+                seq = s.seq
+                rows.append(last)
+                sample_rows.append(SampleRow(seq.request.params, seq.generator,
+                                             seq.prompt_token_ids, seq.output_token_ids))
+                sample_ids.append(seq.seq_id)
+            row = last + 1
+        if rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])  # (S, V)
+            sampled = self.sampler(logits, sample_rows)
+            for sid, tok, lp in zip(sample_ids, sampled.token_ids, sampled.logprobs):
+                result.sampled[sid] = (tok, lp)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _prefill_segments(self, prefills: list[ScheduledSeq], row: int) -> list[PrefillSegment]:
+        segs = []
+        for s in prefills:
+            nb = -(-(s.start + s.num_tokens) // self.block_size)
+            table = torch.tensor(s.block_table[:nb], dtype=torch.long, device=self.device)
+            segs.append(PrefillSegment(row, row + s.num_tokens, s.start, table, s.seq.seq_id))
+            row += s.num_tokens
+        return segs
+
+    def _decode_groups(self, decodes: list[ScheduledSeq]) -> list[DecodeGroup]:
+        """Split decodes (sorted by context length, longest first) into padded groups.
+
+        A new group starts when the padded gather would pass `gather_cap` tokens or a sequence
+        is much shorter than the group's longest (padding would waste more than it saves).
+        """
+        groups, start, bs = [], 0, self.block_size
+        native = self.store is not None and self.store.native_decode   # no padding cost: one group
+        while start < len(decodes):
+            nb = -(-(decodes[start].start + 1) // bs)
+            end = start + 1
+            while end < len(decodes):
+                nb_i = -(-(decodes[end].start + 1) // bs)
+                if not native and ((end - start + 1) * nb * bs > self.gather_cap or nb_i < 0.6 * nb):
+                    break
+                end += 1
+            members = decodes[start:end]
+            tables = torch.zeros(len(members), nb, dtype=torch.long)
+            lens = torch.empty(len(members), dtype=torch.long)
+            for i, s in enumerate(members):
+                k = -(-(s.start + 1) // bs)
+                tables[i, :k] = torch.tensor(s.block_table[:k])
+                lens[i] = s.start + 1
+            mask = None if native else (torch.arange(nb * bs)[None, :] < lens[:, None])[:, None, None, :]
+            groups.append(DecodeGroup(start, end, tables.to(self.device), lens.to(self.device),
+                                      mask if mask is None else mask.to(self.device),
+                                      [s.seq.seq_id for s in members]))
+            start = end
+        return groups
+
+    @torch.inference_mode()
+    def profile(self, num_tokens: int, num_seqs: int, max_model_len: int, kv_dtype) -> None:
+        """Run the largest step the engine may schedule, on a throw-away store, so the caller can
+        measure its peak memory: a prefill chunk late in a long prompt, `num_seqs` decodes
+        gathering `gather_cap` K/V tokens, and sampling `num_seqs` rows with top-p + logprobs.
+        """
+        from memlm.memory.weights import warm_up
+        from memlm.sampling import SamplingParams, make_generator
+        cfg, bs, dev = self.model.cfg, self.block_size, self.device
+        if dev.type == "cpu":
+            warm_up(self.model, max(num_tokens, num_seqs))   # every bf16 matmul shape, once
+        n_dec = min(num_seqs, max(1, num_tokens - 1))
+        n_pre = num_tokens - n_dec
+        ctx = max(n_pre, min(max_model_len, 4096))                 # prefill context after the chunk
+        nb_pre = -(-ctx // bs)
+        # A few real blocks, referenced over and over: the gathers and attention run at full size
+        # while the throw-away store itself stays small (it is not workspace).
+        nb_store = min(nb_pre, 8)
+        store = KVStore(cfg.attention_depths, nb_store, bs, cfg.num_kv_heads, cfg.head_dim, kv_dtype, dev)
+        nb_dec = max(1, min(self.gather_cap // (n_dec * bs), -(-max_model_len // bs)))
+        tables = torch.arange(n_dec * nb_dec, device=dev).view(n_dec, nb_dec) % nb_store
+        mask = torch.ones(n_dec, 1, 1, nb_dec * bs, dtype=torch.bool, device=dev)
+        prefill = PrefillSegment(n_dec, num_tokens, ctx - n_pre, torch.arange(nb_pre, device=dev) % nb_store, -1)
+        slots = torch.arange(num_tokens, device=dev) % (nb_store * bs)
+        lens = torch.full((n_dec,), nb_dec * bs, dtype=torch.long, device=dev)
+        batch = PagedBatch(slots, [prefill] if n_pre else [], [DecodeGroup(0, n_dec, tables, lens, mask)])
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=dev)
+        pos = torch.cat([torch.full((n_dec,), min(nb_dec * bs, max_model_len) - 1),
+                         torch.arange(ctx - n_pre, ctx)]).to(dev).clamp_max(max_model_len - 1)
+        hidden = self.model(ids, pos, PagedView(store, batch, {}))
+        params = SamplingParams(temperature=1.0, top_p=0.9, logprobs=5, max_tokens=1)
+        rows = [SampleRow(params, make_generator(0, dev)) for _ in range(num_seqs)]
+        logits = self.model.compute_logits(hidden[:1].expand(num_seqs, -1).contiguous())
+        self.sampler(logits, rows)
+
+    @staticmethod
+    def _wants_prompt_logprobs(s: ScheduledSeq) -> bool:
+        req = s.seq.request
+        return (s.seq.index == 0 and req.needs_prompt_logprobs
+                and len(req.prompt_logprobs) == s.start + 1 and s.start < s.seq.num_prompt_tokens)
+
+    def _prompt_logprobs(self, s: ScheduledSeq, hidden: torch.Tensor) -> list[dict]:
+        """Log-probabilities of prompt tokens start+1 .. from this chunk's rows (chunked)."""
+        req = s.seq.request
+        P, n = s.seq.num_prompt_tokens, req.params.prompt_logprobs
+        rows = min(s.num_tokens, P - 1 - s.start)   # rows whose next token is a prompt token
+        out = []
+        for a in range(0, rows, LOGPROB_CHUNK):
+            b = min(rows, a + LOGPROB_CHUNK)
+            lp = torch.log_softmax(self.model.compute_logits(hidden[a:b]).float(), dim=-1)  # (c, V)
+            for i in range(b - a):
+                out.append(top_logprobs(lp[i], req.prompt_token_ids[s.start + a + i + 1], n))
+        return out

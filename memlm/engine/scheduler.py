@@ -1,0 +1,262 @@
+"""Continuous batching: which sequences run this step and how many tokens each.
+
+Owns: the waiting queue and running list (both in arrival order), admission (FCFS while KV
+blocks and the step's token budget allow), chunked prefill mixed with decodes, preemption by
+recompute when blocks run out (newest sequence first, so the oldest always progresses: no
+starvation), n > 1 forks sharing
+the prompt's full blocks, and finishing (freeing blocks). Returns typed `SchedulerOutput`s.
+Does not know: tensors, the model, or text (sequences finish by their `CompletionState`).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from memlm.engine.request import Request, RequestStatus, Sequence
+from memlm.memory.block_pool import BlockPool
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64               # sequences holding KV at once
+    max_num_batched_tokens: int = 512    # tokens per step (prefill chunks + decodes)
+    max_model_len: int = 2048            # positions per sequence
+    share_prompt_blocks: bool = True     # n > 1 forks share the prompt's full blocks
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step."""
+
+    seq: Sequence
+    start: int                 # first position computed this step (= tokens already cached)
+    num_tokens: int            # tokens computed this step
+    token_ids: list[int]       # (num_tokens,) their ids
+    block_table: list[int]     # blocks covering positions 0 .. start + num_tokens - 1
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the sequence's end, so its last row is sampled."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1 and self.start > 0
+
+
+@dataclass
+class SchedulerOutput:
+    """What the runner must compute this step."""
+
+    scheduled: list[ScheduledSeq]                             # in batch order
+    preempted_seq_ids: list[int] = field(default_factory=list)  # KV dropped; state must reset
+    freed_seq_ids: list[int] = field(default_factory=list)      # finished since the last step
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, can_share_blocks: bool = True):
+        self.config = config
+        self.pool = pool
+        self.can_share = can_share_blocks and config.share_prompt_blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.forks: dict[int, list[Sequence]] = {}   # parent seq_id -> siblings waiting on its prompt
+        self.num_preemptions = 0
+        self._freed: list[int] = []
+
+    # ---- queue management ----------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + sum(len(v) for v in self.forks.values())
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.forks)
+
+    def add(self, request: Request) -> None:
+        """Queue a request; fails it at once (this request only) if it can never fit."""
+        P = len(request.prompt_token_ids)
+        if P >= self.config.max_model_len:
+            request.fail(f"prompt of {P} tokens does not fit the model's {self.config.max_model_len}-"
+                         "token context; shorten it")
+            return
+        if self.pool.blocks_for(P + 1) > self.pool.num_blocks:
+            request.fail(f"prompt of {P} tokens can never fit the KV pool of {self.pool.capacity_tokens} "
+                         "tokens; shorten it or raise --memory-budget")
+            return
+        first, *rest = request.sequences
+        self.waiting.append(first)
+        if rest:
+            self.forks[first.seq_id] = rest
+
+    def abort(self, request: Request) -> None:
+        """Finish every unfinished completion of `request` as "abort" and free its blocks."""
+        self.forks.pop(request.sequences[0].seq_id, None)
+        for s in request.sequences:
+            if not s.finished:
+                s.completion.finish("abort")
+                self._finish(s)
+
+    # ---- one step ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work: running sequences first (oldest first), then FCFS admission."""
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[int] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if self._reserve(seq, n, preempted):
+                scheduled.append(self._slice(seq, n))
+                budget -= n
+                i += 1
+            # else `seq` left `running` (preempted or finished); index i is already the next one
+
+        # No admissions in a step that had to preempt: the pool is full, new work would thrash.
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs \
+                and not preempted:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._grow(seq, n):
+                break
+            self.waiting.popleft()
+            seq.status = RequestStatus.RUNNING
+            self._insert_running(seq)
+            scheduled.append(self._slice(seq, n))
+            budget -= n
+
+        freed, self._freed = self._freed, []
+        return SchedulerOutput(scheduled, preempted, freed)
+
+    def _reserve(self, seq: Sequence, n: int, preempted: list[int]) -> bool:
+        """Blocks for `n` more tokens of a running sequence, preempting the newest if needed.
+
+        Returns False when `seq` itself had to go (preempted, or finished "length" when it is
+        alone and the whole pool is still too small for it).
+        """
+        while not self._grow(seq, n):
+            victim = self.running[-1]
+            if victim is seq and len(self.running) == 1:
+                seq.completion.finish("length")      # the pool is this sequence's context limit
+                self._finish(seq)
+                return False
+            self._preempt(victim)
+            preempted.append(victim.seq_id)
+            if victim is seq:
+                return False
+        return True
+
+    def _insert_running(self, seq: Sequence) -> None:
+        """Keep `running` in arrival order, so a readmitted (preempted) sequence keeps its age:
+        it is scheduled before newer ones and is never the next victim while they run."""
+        pos = len(self.running)
+        while pos > 0 and _age(self.running[pos - 1]) > _age(seq):
+            pos -= 1
+        self.running.insert(pos, seq)
+
+    def _slice(self, seq: Sequence, n: int) -> ScheduledSeq:
+        start = seq.num_computed_tokens
+        return ScheduledSeq(seq, start, n, seq.token_ids_slice(start, start + n), list(seq.block_table))
+
+    def _grow(self, seq: Sequence, n: int) -> bool:
+        """Give `seq` blocks for `n` more tokens; False (nothing taken) if too few are free."""
+        need = self.pool.blocks_for(seq.num_computed_tokens + n) - len(seq.block_table)
+        if need <= 0:
+            return True
+        blocks = self.pool.allocate(need)
+        if blocks is None:
+            return False
+        seq.block_table.extend(blocks)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Drop the sequence's KV; it recomputes prompt + output when readmitted (first in line)."""
+        self.running.remove(seq)
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.status = RequestStatus.PREEMPTED
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self._freed.append(seq.seq_id)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Insert into `waiting` in arrival order (preempted and forked sequences are older than
+        most of the queue, so they go near the front: first in line, never starved)."""
+        pos = 0
+        while pos < len(self.waiting) and _age(self.waiting[pos]) <= _age(seq):
+            pos += 1
+        self.waiting.insert(pos, seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.pool.free(seq.block_table)
+            seq.block_table = []
+        seq.status = RequestStatus.FINISHED
+        self._freed.append(seq.seq_id)
+
+    # ---- after the step ------------------------------------------------------------------
+    def update(self, output: SchedulerOutput, sampled: dict[int, tuple[int, dict | None]]) -> None:
+        """Advance computed counts, append sampled tokens, fork n > 1 siblings, finish sequences.
+
+        Args:
+            sampled: seq_id -> (token id, logprobs or None) for every sequence that sampled.
+        """
+        for s in output.scheduled:
+            seq = s.seq
+            if seq.finished:            # aborted while the step ran
+                continue
+            seq.num_computed_tokens += s.num_tokens
+            if seq.seq_id in self.forks and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self._fork(seq)
+            if seq.seq_id not in sampled:
+                continue
+            token, logprobs = sampled[seq.seq_id]
+            done = seq.append_token(token, logprobs)
+            if not done and seq.num_tokens >= self.config.max_model_len:
+                seq.completion.finish("length")
+                done = True
+            if done:
+                self._finish(seq)
+
+    def _fork(self, parent: Sequence) -> None:
+        """Siblings of a request with n > 1 start from the parent's computed prompt.
+
+        They share every full block of the prompt except the one holding the last prompt token,
+        which each recomputes (at most block_size tokens) to get its own first-token logits.
+        """
+        siblings = self.forks.pop(parent.seq_id)
+        P, bs = parent.num_prompt_tokens, self.pool.block_size
+        shared = (P - 1) // bs if self.can_share else 0
+        for c in siblings:
+            c.block_table = self.pool.share(parent.block_table[:shared])
+            c.num_computed_tokens = shared * bs
+            c.status = RequestStatus.WAITING
+            self._enqueue(c)
+
+
+def _age(seq: Sequence) -> tuple[int, int]:
+    """Sort key: lower = older (arrival order, then completion index within a request)."""
+    return seq.request.arrival, seq.index

@@ -1,0 +1,76 @@
+"""KV block bookkeeping: block ids, the free queue and reference counts. Pure Python, no torch.
+
+Owns: which fixed-size KV blocks are free, who holds how many references to each, and the
+order in which freed blocks are reused. Does not know: what a block contains (the tensors live
+in `kv_store.py`), sequences, or scheduling policy.
+
+    ids:        0    1    2    3    4    5
+    ref count: [1]  [2]  [0]  [1]  [0]  [0]      block 1 shared by two sequences (n > 1 fork)
+    free queue: 2 -> 4 -> 5                      allocate() pops from the left;
+                                                 free() appends released blocks on the right
+"""
+from __future__ import annotations
+
+from collections import deque
+
+
+class BlockPool:
+    """A fixed number of KV blocks of `block_size` token slots each."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"BlockPool needs num_blocks >= 1 and block_size >= 1, "
+                             f"got {num_blocks} and {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.ref_counts = [0] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold `num_tokens` token slots."""
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int] | None:
+        """Take `n` free blocks (ref count 1 each), all or nothing; None when too few are free."""
+        if n > len(self._free):
+            return None
+        out = [self._free.popleft() for _ in range(n)]
+        for b in out:
+            self.ref_counts[b] = 1
+        return out
+
+    def share(self, block_ids: list[int]) -> list[int]:
+        """Add one reference to each block (a forked sequence reading the same KV)."""
+        for b in block_ids:
+            if self.ref_counts[b] <= 0:
+                raise RuntimeError(f"block {b} is free and cannot be shared")
+            self.ref_counts[b] += 1
+        return list(block_ids)
+
+    def free(self, block_ids: list[int]) -> None:
+        """Drop one reference to each block; blocks reaching zero go to the free queue.
+
+        Blocks are released last-to-first, so a sequence's tail blocks are reused first and its
+        (possibly shared) prompt blocks stay untouched longest.
+        """
+        for b in reversed(block_ids):
+            if self.ref_counts[b] <= 0:
+                raise RuntimeError(f"block {b} freed twice")
+            self.ref_counts[b] -= 1
+            if self.ref_counts[b] == 0:
+                self._free.append(b)

@@ -1,0 +1,159 @@
+"""The tensors behind KV block ids, and the paged `KVView` the model attends through.
+
+Owns: `KVStore` (one preallocated K and V tensor per attention layer, indexed by
+block id * block_size + offset = slot), `PagedBatch` (the per-step layout: slot mapping,
+prefill segments, decode groups) and `PagedView` (the `KVView` protocol over them).
+Does not know: which sequence owns which block or why (that is the scheduler with
+`block_pool.py`); the model does not know it is paged.
+
+Layout of one layer's cache, (num_blocks * block_size, n_kv_heads, head_dim):
+
+    slot = block_id * block_size + offset
+    block 0: [s0 s1 .. s15] block 1: [s16 .. s31] ...
+
+Attention per step:
+  * prefill chunks (T > 1 tokens of one sequence): gather that sequence's blocks, causal SDPA
+    with the chunk's position offset (first chunks attend to their own k/v directly);
+  * decodes (1 token each): sequences of similar length are grouped, their blocks gathered into
+    one padded (B, n_kv, L, head_dim) tensor and attended in one SDPA call with a length mask;
+    the query heads of a KV group ride in SDPA's "query length" axis, so GQA needs no repeat.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from memlm.memory import paged_attention
+from memlm.models.kv import causal_attention
+
+
+class KVStore:
+    """K/V tensors for `num_blocks` blocks across all attention layers, allocated once."""
+
+    def __init__(self, attention_depths: tuple[int, ...], num_blocks: int, block_size: int,
+                 n_kv_heads: int, head_dim: int, dtype=torch.float32, device="cpu"):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+        self.dtype = dtype
+        self.layer_of_depth = {d: i for i, d in enumerate(attention_depths)}
+        n_layers = max(1, len(attention_depths))
+        # zeros, not empty: every page is touched now (RSS shows the whole pool at start-up) and
+        # never-written slots read as finite values under the padding mask.
+        self.kv = torch.zeros(n_layers, 2, num_blocks * block_size, n_kv_heads, head_dim,
+                              dtype=dtype, device=device)  # (layers, 2, slots, nkv, hd)
+        # Decode attention reads the cache in place with the native kernel where it can.
+        self.native_decode = (self.kv.device.type == "cpu" and dtype in (torch.float32, torch.float16)
+                              and paged_attention.available())
+
+    @staticmethod
+    def bytes_per_block(n_attention_layers: int, block_size: int, n_kv_heads: int, head_dim: int,
+                        dtype=torch.float32) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return n_attention_layers * 2 * block_size * n_kv_heads * head_dim * elem
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def layer(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        li = self.layer_of_depth[depth]
+        return self.kv[li, 0], self.kv[li, 1]   # each (slots, nkv, hd)
+
+    def gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """(slots, nkv, hd) cache, (B, nb) block ids -> (B, nkv, nb * block_size, hd) fp32."""
+        B, nb = block_tables.shape
+        blocks = cache.view(self.num_blocks, self.block_size, self.n_kv_heads, self.head_dim)
+        g = blocks[block_tables].view(B, nb * self.block_size, self.n_kv_heads, self.head_dim)
+        return g.transpose(1, 2).float()
+
+
+@dataclass
+class PrefillSegment:
+    """Rows [start, end) of the step are one sequence's chunk at positions q_offset.."""
+
+    start: int
+    end: int
+    q_offset: int
+    block_table: torch.Tensor     # (nb,) blocks covering positions 0 .. q_offset + T - 1
+    seq_id: int
+
+
+@dataclass
+class DecodeGroup:
+    """Rows [start, end) are single decode tokens of sequences with similar context lengths."""
+
+    start: int
+    end: int
+    block_tables: torch.Tensor    # (B, nb) padded with block 0
+    lens: torch.Tensor            # (B,) context length of each sequence (incl. this token)
+    mask: torch.Tensor | None     # (B, 1, 1, nb * block_size) True where a key is visible
+    seq_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PagedBatch:
+    """Everything attention needs about one step's flattened tokens."""
+
+    slot_mapping: torch.Tensor                     # (N,) cache slot each new token's k/v goes to
+    prefills: list[PrefillSegment]
+    decodes: list[DecodeGroup]
+
+
+class PagedView:
+    """`KVView` over a `KVStore` for one step (see the module docstring)."""
+
+    def __init__(self, store: KVStore, batch: PagedBatch, recurrent_states: dict | None = None):
+        self.store, self.batch = store, batch
+        self.states = recurrent_states if recurrent_states is not None else {}
+
+    def attend(self, depth, q, k, v):
+        """q (N, nh, hd); k, v (N, nkv, hd) -> (N, nh, hd) in v's dtype.
+
+        Attention itself always runs in fp32; a bf16 model gets its output back in bf16 (v is
+        the one input no position encoding has touched, so it carries the model's dtype).
+        """
+        out_dtype = v.dtype
+        q, k, v = q.float(), k.float(), v.float()
+        kc, vc = self.store.layer(depth)
+        slots = self.batch.slot_mapping
+        kc.index_copy_(0, slots, k.to(kc.dtype))
+        vc.index_copy_(0, slots, v.to(vc.dtype))
+        out = torch.empty_like(q)
+        nh, hd = q.shape[1], q.shape[2]
+        nkv = k.shape[1]
+        for g in self.batch.decodes:
+            B = g.end - g.start
+            if self.store.native_decode:
+                out[g.start:g.end] = paged_attention.decode_attention(
+                    q[g.start:g.end].contiguous(), kc, vc, g.block_tables, g.lens, self.store.block_size)
+                continue
+            qg = q[g.start:g.end].view(B, nkv, nh // nkv, hd)              # (B, nkv, group, hd)
+            keys = self.store.gather(kc, g.block_tables)                    # (B, nkv, L, hd)
+            vals = self.store.gather(vc, g.block_tables)
+            o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=g.mask)  # (B, nkv, group, hd)
+            out[g.start:g.end] = o.reshape(B, nh, hd)
+        for p in self.batch.prefills:
+            T = p.end - p.start
+            qp = q[p.start:p.end].transpose(0, 1)[None]                     # (1, nh, T, hd)
+            if p.q_offset == 0:
+                keys = k[p.start:p.end].transpose(0, 1)[None]              # (1, nkv, T, hd)
+                vals = v[p.start:p.end].transpose(0, 1)[None]
+            else:
+                L = p.q_offset + T
+                keys = self.store.gather(kc, p.block_table[None])[:, :, :L]  # (1, nkv, L, hd)
+                vals = self.store.gather(vc, p.block_table[None])[:, :, :L]
+            out[p.start:p.end] = causal_attention(qp, keys, vals, p.q_offset)[0].transpose(0, 1)
+        return out.to(out_dtype)
+
+    def recurrent(self, depth, x, cell):
+        """x (N, C) -> (N, C), carrying each sequence's state in `recurrent_states`."""
+        out = torch.empty_like(x)
+        segments = [(p.start, p.end, p.seq_id) for p in self.batch.prefills]
+        for g in self.batch.decodes:
+            segments += [(g.start + i, g.start + i + 1, sid) for i, sid in enumerate(g.seq_ids)]
+        for start, end, sid in segments:
+            y, self.states[(sid, depth)] = cell.scan(x[start:end][None], self.states.get((sid, depth)))
+            out[start:end] = y[0]
+        return out

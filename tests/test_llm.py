@@ -1,0 +1,63 @@
+"""The public LLM API on a tiny random model: prompt forms, errors, chat, stream."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import engine_fakes as ef  # noqa: E402
+from engine_fakes import one_torch_thread  # noqa: E402,F401  (autouse)
+
+from memlm import LLM, RequestOutput, SamplingParams  # noqa: E402
+from memlm.errors import RequestError  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=["paged", "reference"])
+def llm(request):
+    kw = dict(num_kv_blocks=32) if request.param == "paged" else {}
+    return LLM(ef.tiny_loaded(ef.llama_config()), engine=request.param, verbose=False, **kw)
+
+
+def test_prompt_forms_and_output_shape(llm):
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    out = llm.generate(["hi", {"prompt_token_ids": [104, 105]}], sp)
+    assert [type(o) for o in out] == [RequestOutput, RequestOutput]
+    assert out[0].prompt == "hi" and out[0].prompt_token_ids == [104, 105]
+    assert out[0].outputs[0].token_ids == out[1].outputs[0].token_ids   # same tokens, same result
+    assert len(out[0].outputs[0].token_ids) == 5 and out[0].finished
+    single = llm.generate("hi", sp)
+    assert len(single) == 1 and single[0].outputs[0].text == out[0].outputs[0].text
+
+
+@pytest.mark.parametrize("bad", ["", {"prompt_token_ids": []}, {"prompt_token_ids": [999999]}, {"x": 1}, 42])
+def test_bad_prompts_raise_request_error(llm, bad):
+    with pytest.raises(RequestError):
+        llm.generate([bad], SamplingParams(max_tokens=2))
+
+
+def test_sampling_params_list_must_match(llm):
+    with pytest.raises(ValueError, match="sampling_params"):
+        llm.generate(["a", "b"], [SamplingParams()])
+    out = llm.generate(["a", "b"], [SamplingParams(temperature=0, max_tokens=1),
+                                    SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)])
+    assert len(out[1].outputs[0].token_ids) == 3
+
+
+def test_chat_and_stream_agree_with_generate(llm):
+    conv = [{"role": "user", "content": "hello"}]
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    chat = llm.chat(conv, sp)[0]
+    assert chat.prompt.startswith("<user>hello")
+    assert llm.chat([conv, conv], sp)[1].outputs[0].text == chat.outputs[0].text
+    streamed = list(llm.stream(conv, sp))
+    assert "".join(c.text for c in streamed) == chat.outputs[0].text
+    with pytest.raises(RequestError):
+        llm.chat([], sp)
+
+
+def test_prompt_longer_than_context_errors_itself_only():
+    cfg = ef.llama_config(max_position_embeddings=64)
+    llm = LLM(ef.tiny_loaded(cfg), verbose=False, num_kv_blocks=32)
+    out = llm.generate([{"prompt_token_ids": [1] * 80}, "ok"], SamplingParams(max_tokens=70, ignore_eos=True))
+    assert out[0].error and out[0].outputs[0].finish_reason == "error"
+    assert out[1].outputs[0].finish_reason == "length" and len(out[1].prompt_token_ids) + len(out[1].outputs[0].token_ids) == 64

@@ -16,10 +16,10 @@ import torch
 
 from memlm.engine.request import Request
 from memlm.errors import RequestError
+from memlm.models.registry import DEFAULT_MODEL
 from memlm.outputs import RequestOutput, StreamChunk
 from memlm.sampling import SamplingParams
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 ENGINES = ("paged", "reference")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -207,7 +207,11 @@ def run_worker(engine: str, args, work_file: Path) -> dict:
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         return {"error": f"exit status {status >> 8}"}
-    result = json.loads(stdout.strip().splitlines()[-1])
+    # The worker's result is its last JSON line; engines (vLLM) may print more after it.
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"error": "worker printed no result line"}
+    result = json.loads(lines[-1])
     result["peak_rss"] = usage.ru_maxrss * 1024
     result["tokens_per_s"] = result["output_tokens"] / result["seconds"]
     return result

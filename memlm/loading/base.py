@@ -14,7 +14,6 @@ import torch
 from memlm.config import ModelConfig
 from memlm.errors import ModelLoadError
 from memlm.loading.tokenizer import Tokenizer
-from memlm.models.blocks import Rotary
 from memlm.models.transformer import Transformer
 
 
@@ -62,8 +61,6 @@ class WeightSink:
         with torch.device("meta"):
             model = Transformer(cfg)
         self.model = model.to(dtype=dtype).to_empty(device=device)
-        if self.model.rotary is not None:   # plain tensors (not buffers) were made on meta too
-            self.model.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.params = dict(self.model.named_parameters())
         self.filled: set[str] = set()
 

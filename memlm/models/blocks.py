@@ -43,7 +43,9 @@ class Rotary:
     """Rotary position embedding in the Hugging Face "rotate half" layout."""
 
     def __init__(self, head_dim: int, theta: float):
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        # Explicitly on the CPU: a model built under `torch.device("meta")` (the loaders do that to
+        # skip random init) must still get real frequencies. cos_sin moves them where needed.
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (N,) -> cos, sin each (N, 1, head_dim), broadcastable over heads."""

@@ -91,14 +91,17 @@ class LLM:
         """Load by name (inside the budget's loading probe) and apply the weight codec."""
         import contextlib
 
-        from memlm.memory.weights import use_bf16_matmuls
+        from memlm.memory.weights import use_bf16_matmuls, weight_bytes
         with self.budget.loading() if self.budget is not None else contextlib.nullcontext():
             if isinstance(model, str):
-                from memlm.loading import load_model
+                from memlm.loading import estimate_load_bytes, load_model
+                size = estimate_load_bytes(model) if self.budget is not None else None
+                if size is not None:
+                    self.budget.check_load_fits(*size, what=model)
                 model = load_model(model)                # fp32: norms and biases stay exact
             if self.dtype == torch.bfloat16:
                 use_bf16_matmuls(model.model)
-                model.weight_bytes = model.model.weight_bytes()
+                model.weight_bytes = weight_bytes(model.model)
         return model
 
     # ---- public API ----------------------------------------------------------------------

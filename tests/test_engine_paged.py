@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import engine_fakes as ef  # noqa: E402
@@ -125,14 +126,25 @@ def test_torch_fallback_decode_path_equals_reference(loaded, reference):
     assert tokens(llm.generate(prompts, sp)) == tokens(reference.generate(prompts, sp))
 
 
-def test_fp16_kv_cache_stays_close_to_reference(loaded, reference):
+@pytest.mark.parametrize("kv_dtype,native", [("float16", True), ("int8", True), ("int8", False)])
+def test_compressed_kv_cache_stays_close_to_reference(loaded, reference, kv_dtype, native):
     prompts = ef.random_prompts(8, 10, 100, seed=8)
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    out = paged(loaded, kv_dtype="float16").generate(prompts, sp)
+    llm = paged(loaded, kv_dtype=kv_dtype)
+    llm.engine.runner.store.native_decode &= native
+    out = llm.generate(prompts, sp)
     ref = reference.generate(prompts, sp)
-    # fp16 K/V round at ~1e-3 relative; greedy paths may part only at near-ties
+    # fp16 K/V round at ~1e-3 relative, int8 at ~4e-3 of each row's largest value; greedy
+    # paths may part only at near-ties
     agree = sum(a.outputs[0].token_ids[:4] == b.outputs[0].token_ids[:4] for a, b in zip(out, ref))
     assert agree >= 6
+
+
+def test_int8_kv_nearly_doubles_the_tokens_a_pool_holds():
+    from memlm.memory.kv_store import KVStore
+    args = (30, 16, 3, 64)                    # SmolLM2's attention layers, block, KV heads, head
+    assert KVStore.bytes_per_block(*args, dtype=torch.int8) == 30 * 2 * 16 * 3 * (64 + 4)
+    assert KVStore.bytes_per_block(*args, dtype=torch.int8) / KVStore.bytes_per_block(*args, dtype=torch.float16) == 68 / 128
 
 
 def test_bf16_weight_codec_halves_weights_and_stays_close(loaded, reference):

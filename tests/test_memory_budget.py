@@ -25,3 +25,29 @@ def test_plan_kv_blocks_arithmetic_and_minimum():
 def test_default_budget_is_a_fraction_of_available_ram():
     b = mem.MemoryBudget.create(None, verbose=False)
     assert b.defaulted and b.total <= mem.available_ram()
+
+
+def test_load_size_is_read_from_headers_and_refused_before_loading(tmp_path, monkeypatch):
+    """The estimate equals the loaded fp32 weights; a budget that cannot hold them refuses
+    before a single weight is read."""
+    import torch
+
+    from helpers import make_tiny_hf_llama
+    from memlm import LLM
+    from memlm.loading import estimate_load_bytes, load_model
+    path = make_tiny_hf_llama(tmp_path)
+    weights, largest = estimate_load_bytes(path)
+    loaded = load_model(path)
+    assert weights == sum(p.numel() * 4 for p in loaded.model.state_dict().values())
+    assert largest == max(p.numel() * 4 for p in loaded.model.state_dict().values())
+    assert estimate_load_bytes(path, torch.bfloat16) == (weights // 2, largest // 2)
+    assert estimate_load_bytes(tmp_path / "missing") is None
+
+    huge = 64 * 2**30                                        # pretend the file holds 64 GiB
+    monkeypatch.setattr("memlm.loading.estimate_load_bytes", lambda *a, **k: (huge, 2**20))
+
+    def never(*a, **k):
+        raise AssertionError("the loader ran")
+    monkeypatch.setattr("memlm.loading.load_model", never)
+    with pytest.raises(OutOfBudgetError, match=r"loading .* over the 2\.0 GiB budget; use --memory-budget"):
+        LLM(str(path), memory_budget="2GiB", verbose=False)

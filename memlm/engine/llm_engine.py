@@ -20,7 +20,8 @@ from memlm.memory import paged_attention
 from memlm.memory.block_pool import BlockPool
 from memlm.memory.kv_store import KVStore
 
-KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "int8": torch.int8}
 TRIM_EVERY_STEPS = 32
 GPU_KV_FRACTION = 0.5   # of free GPU memory for the KV pool when running on CUDA
 

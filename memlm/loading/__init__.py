@@ -17,8 +17,48 @@ from memlm.loading.hf import PICKLE_SUFFIXES, load_hf_dir, refuse_pickle
 from memlm.loading.tokenizer import IncrementalDetokenizer, Tokenizer
 from memlm.models.registry import DEFAULT_MODEL, is_preset, known_names, resolve_preset
 
-__all__ = ["DEFAULT_MODEL", "IncrementalDetokenizer", "LoadedModel", "Tokenizer", "load_gguf",
-           "load_hf_dir", "load_model"]
+__all__ = ["DEFAULT_MODEL", "IncrementalDetokenizer", "LoadedModel", "Tokenizer", "estimate_load_bytes",
+           "load_gguf", "load_hf_dir", "load_model"]
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if not path.exists() and is_preset(text):
+        return resolve_preset(text)
+    if path.is_file() and (path.suffix == ".safetensors" or path.name.endswith("config.json")):
+        return path.parent
+    return path
+
+
+def estimate_load_bytes(name_or_path: str | Path, dtype=torch.float32) -> tuple[int, int] | None:
+    """(weights, largest tensor) in bytes once loaded as `dtype`, read from the file headers only.
+
+    None when the source cannot be sized this way (the loader then reports what is wrong).
+    Used to refuse a load that could not fit a memory budget before any weight is read.
+    """
+    path = _resolve(name_or_path)
+    elem = torch.empty((), dtype=dtype).element_size()
+    sizes: list[int] = []
+    try:
+        if path.is_dir():
+            import json
+            import struct
+            for f in sorted(path.glob("*.safetensors")):
+                with open(f, "rb") as fh:
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    header = json.loads(fh.read(n))
+                for name, info in header.items():
+                    if name != "__metadata__":
+                        sizes.append(int(torch.Size(info["shape"]).numel()))
+        elif path.is_file() and path.suffix not in PICKLE_SUFFIXES:
+            from memlm.loading.gguf import open_gguf
+            sizes = [int(torch.Size(t.shape).numel()) for t in open_gguf(path).tensors.values()]
+    except (OSError, ValueError, KeyError, ModelLoadError):
+        return None
+    if not sizes:
+        return None
+    return sum(sizes) * elem, max(sizes) * elem
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, device="cpu", dtype=torch.float32) -> LoadedModel:

@@ -30,7 +30,13 @@ from memlm.models.kv import causal_attention
 
 
 class KVStore:
-    """K/V tensors for `num_blocks` blocks across all attention layers, allocated once."""
+    """K/V tensors for `num_blocks` blocks across all attention layers, allocated once.
+
+    dtype fp32 / fp16 / bf16 store K and V as is. dtype int8 stores each token's K (and V) row
+    of each KV head as int8 with one fp32 scale (symmetric, scale = max|x| / 127, the layout of
+    llama.cpp's q8_0 with a 64-wide block): 68 bytes per head row instead of 128 at fp16,
+    which halves both the pool and the bytes decode attention reads.
+    """
 
     def __init__(self, attention_depths: tuple[int, ...], num_blocks: int, block_size: int,
                  n_kv_heads: int, head_dim: int, dtype=torch.float32, device="cpu"):
@@ -43,30 +49,55 @@ class KVStore:
         # never-written slots read as finite values under the padding mask.
         self.kv = torch.zeros(n_layers, 2, num_blocks * block_size, n_kv_heads, head_dim,
                               dtype=dtype, device=device)  # (layers, 2, slots, nkv, hd)
+        self.scales = (torch.zeros(n_layers, 2, num_blocks * block_size, n_kv_heads, device=device)
+                       if dtype == torch.int8 else None)   # (layers, 2, slots, nkv) fp32
         # Decode attention reads the cache in place with the native kernel where it can.
-        self.native_decode = (self.kv.device.type == "cpu" and dtype in (torch.float32, torch.float16)
+        self.native_decode = (self.kv.device.type == "cpu"
+                              and dtype in (torch.float32, torch.float16, torch.int8)
                               and paged_attention.available())
 
     @staticmethod
     def bytes_per_block(n_attention_layers: int, block_size: int, n_kv_heads: int, head_dim: int,
                         dtype=torch.float32) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        return n_attention_layers * 2 * block_size * n_kv_heads * head_dim * elem
+        row = head_dim * elem + (4 if dtype == torch.int8 else 0)     # int8 rows carry a scale
+        return n_attention_layers * 2 * block_size * n_kv_heads * row
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        scales = 0 if self.scales is None else self.scales.numel() * 4
+        return self.kv.numel() * self.kv.element_size() + scales
 
-    def layer(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer(self, depth: int) -> tuple:
+        """(k cache, v cache, k scales, v scales) of one layer; scales None unless int8.
+        Caches are (slots, nkv, hd), scales (slots, nkv)."""
         li = self.layer_of_depth[depth]
-        return self.kv[li, 0], self.kv[li, 1]   # each (slots, nkv, hd)
+        if self.scales is None:
+            return self.kv[li, 0], self.kv[li, 1], None, None
+        return self.kv[li, 0], self.kv[li, 1], self.scales[li, 0], self.scales[li, 1]
 
-    def gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """(slots, nkv, hd) cache, (B, nb) block ids -> (B, nkv, nb * block_size, hd) fp32."""
+    def write(self, depth: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens' k, v (N, nkv, hd) at `slots` (N,), quantizing for int8."""
+        kc, vc, ks, vs = self.layer(depth)
+        for x, cache, scales in ((k, kc, ks), (v, vc, vs)):
+            if scales is None:
+                cache.index_copy_(0, slots, x.to(cache.dtype))
+                continue
+            x = x.float()
+            scale = x.abs().amax(dim=-1).clamp_min(1e-12) / 127.0          # (N, nkv)
+            cache.index_copy_(0, slots, torch.round(x / scale[..., None]).to(torch.int8))
+            scales.index_copy_(0, slots, scale)
+
+    def gather(self, cache: torch.Tensor, block_tables: torch.Tensor, dtype=torch.float32,
+               scales: torch.Tensor | None = None) -> torch.Tensor:
+        """(slots, nkv, hd) cache, (B, nb) block ids -> (B, nkv, nb * block_size, hd) in `dtype`."""
         B, nb = block_tables.shape
         blocks = cache.view(self.num_blocks, self.block_size, self.n_kv_heads, self.head_dim)
         g = blocks[block_tables].view(B, nb * self.block_size, self.n_kv_heads, self.head_dim)
-        return g.transpose(1, 2).float()
+        if scales is not None:
+            sc = scales.view(self.num_blocks, self.block_size, self.n_kv_heads)[block_tables]
+            g = g.float() * sc.view(B, nb * self.block_size, self.n_kv_heads, 1)
+        return g.transpose(1, 2).to(dtype)
 
 
 @dataclass
@@ -111,41 +142,41 @@ class PagedView:
     def attend(self, depth, q, k, v):
         """q (N, nh, hd); k, v (N, nkv, hd) -> (N, nh, hd) in v's dtype.
 
-        Attention itself always runs in fp32; a bf16 model gets its output back in bf16 (v is
-        the one input no position encoding has touched, so it carries the model's dtype).
+        Decode attention always runs in fp32. Prefill attention runs in the inputs' dtype: fp32
+        for an fp32 model, bf16 for a bf16-matmul model (`memory/weights.py`), whose q/k/v were
+        rounded to bf16 by their projection already; SDPA accumulates in fp32 either way.
         """
-        out_dtype = v.dtype
-        q, k, v = q.float(), k.float(), v.float()
-        kc, vc = self.store.layer(depth)
-        slots = self.batch.slot_mapping
-        kc.index_copy_(0, slots, k.to(kc.dtype))
-        vc.index_copy_(0, slots, v.to(vc.dtype))
-        out = torch.empty_like(q)
+        dt = torch.bfloat16 if v.dtype == torch.bfloat16 else torch.float32
+        store = self.store
+        store.write(depth, self.batch.slot_mapping, k, v)
+        kc, vc, ks, vs = store.layer(depth)
+        out = torch.empty(q.shape, dtype=dt, device=q.device)
         nh, hd = q.shape[1], q.shape[2]
         nkv = k.shape[1]
         for g in self.batch.decodes:
             B = g.end - g.start
-            if self.store.native_decode:
+            qg = q[g.start:g.end].float()
+            if store.native_decode:
                 out[g.start:g.end] = paged_attention.decode_attention(
-                    q[g.start:g.end].contiguous(), kc, vc, g.block_tables, g.lens, self.store.block_size)
+                    qg.contiguous(), kc, vc, g.block_tables, g.lens, store.block_size, ks, vs)
                 continue
-            qg = q[g.start:g.end].view(B, nkv, nh // nkv, hd)              # (B, nkv, group, hd)
-            keys = self.store.gather(kc, g.block_tables)                    # (B, nkv, L, hd)
-            vals = self.store.gather(vc, g.block_tables)
+            qg = qg.view(B, nkv, nh // nkv, hd)                                # (B, nkv, group, hd)
+            keys = store.gather(kc, g.block_tables, scales=ks)                 # (B, nkv, L, hd)
+            vals = store.gather(vc, g.block_tables, scales=vs)
             o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=g.mask)  # (B, nkv, group, hd)
             out[g.start:g.end] = o.reshape(B, nh, hd)
         for p in self.batch.prefills:
             T = p.end - p.start
-            qp = q[p.start:p.end].transpose(0, 1)[None]                     # (1, nh, T, hd)
+            qp = q[p.start:p.end].transpose(0, 1)[None].to(dt)                 # (1, nh, T, hd)
             if p.q_offset == 0:
-                keys = k[p.start:p.end].transpose(0, 1)[None]              # (1, nkv, T, hd)
-                vals = v[p.start:p.end].transpose(0, 1)[None]
+                keys = k[p.start:p.end].transpose(0, 1)[None].to(dt)          # (1, nkv, T, hd)
+                vals = v[p.start:p.end].transpose(0, 1)[None].to(dt)
             else:
                 L = p.q_offset + T
-                keys = self.store.gather(kc, p.block_table[None])[:, :, :L]  # (1, nkv, L, hd)
-                vals = self.store.gather(vc, p.block_table[None])[:, :, :L]
+                keys = store.gather(kc, p.block_table[None], dt, ks)[:, :, :L]  # (1, nkv, L, hd)
+                vals = store.gather(vc, p.block_table[None], dt, vs)[:, :, :L]
             out[p.start:p.end] = causal_attention(qp, keys, vals, p.q_offset)[0].transpose(0, 1)
-        return out.to(out_dtype)
+        return out
 
     def recurrent(self, depth, x, cell):
         """x (N, C) -> (N, C), carrying each sequence's state in `recurrent_states`."""

@@ -72,12 +72,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, H, bias=cfg.o_bias)
         self.use_rope = cfg.position == "rope"
+        # Set by a weight codec (memory/weights.py) that fuses q/k/v into one matmul whose
+        # output columns are [q | k | v]; the separate projections are then gone.
+        self.qkv_proj: nn.Module | None = None
 
     def forward(self, x, depth: int, kv, rope: tuple | None):
         N = x.shape[0]
-        q = self.q_proj(x).view(N, self.n_heads, self.hd)  # (N, nh, hd)
-        k = self.k_proj(x).view(N, self.n_kv, self.hd)     # (N, nkv, hd)
-        v = self.v_proj(x).view(N, self.n_kv, self.hd)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.hd, self.n_kv * self.hd,
+                                              self.n_kv * self.hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(N, self.n_heads, self.hd)   # (N, nh, hd)
+        k = k.view(N, self.n_kv, self.hd)      # (N, nkv, hd)
+        v = v.view(N, self.n_kv, self.hd)
         if self.use_rope:
             cos, sin = rope
             q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
@@ -138,8 +146,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(I, H, bias=cfg.mlp_bias)
         self.act = activation(cfg.activation)
+        self.gate_up_proj: nn.Module | None = None   # fused [gate | up], set by a weight codec
 
     def forward(self, x):
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         if self.gated:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))

@@ -100,7 +100,7 @@ class LLM:
                     self.budget.check_load_fits(*size, what=model)
                 model = load_model(model)                # fp32: norms and biases stay exact
             if self.dtype == torch.bfloat16:
-                use_bf16_matmuls(model.model)
+                use_bf16_matmuls(model.model, pack=self.device.type == "cpu")
                 model.weight_bytes = weight_bytes(model.model)
         return model
 

@@ -31,7 +31,7 @@ class EngineConfig:
     """Engine knobs. `num_kv_blocks` overrides the budget's choice (tests, experiments)."""
 
     max_num_seqs: int = 128
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int = 1024
     block_size: int = 16
     kv_dtype: str = "auto"              # "auto": fp16 on CPU with the native decode kernel, else fp32
     num_kv_blocks: int | None = None
@@ -126,7 +126,11 @@ class LLMEngine:
 
     def _profile(self, budget: mem.MemoryBudget, max_len: int, kv_dtype) -> None:
         """Measure the peak of the largest step (vLLM's warm-up profile) and the slack it leaves."""
+        start = mem.current_rss()
+        self.runner.warm_up(self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        mem.release_free_heap()
         before = mem.current_rss()
+        budget.matmul_state = max(0, before - start)
         mem.reset_peak_rss()
         self.runner.profile(self.config.max_num_batched_tokens, self.config.max_num_seqs, max_len, kv_dtype)
         budget.workspace = max(0, mem.peak_rss() - before)

@@ -109,6 +109,7 @@ class MemoryBudget:
     defaulted: bool = False
     weights: int = 0
     load_overhead: int = 0
+    matmul_state: int = 0          # oneDNN per-shape state created by the warm-up, resident for good
     workspace: int = 0
     margin: int = MIN_MARGIN
     kv_pool: int = 0
@@ -163,7 +164,7 @@ class MemoryBudget:
     @property
     def used_before_kv(self) -> int:
         """Everything but the KV pool: what is resident now plus the step workspace and margin."""
-        return self.baseline + self.load_overhead + self.workspace + self.margin
+        return self.baseline + self.load_overhead + self.matmul_state + self.workspace + self.margin
 
     def plan_kv_blocks(self, resident_now: int, bytes_per_block: int, block_size: int,
                        min_tokens: int = MIN_KV_TOKENS) -> int:
@@ -186,6 +187,7 @@ class MemoryBudget:
         """A few lines for `memlm info --memory-budget` and verbose start-up."""
         rows = [("budget", self.total), ("runtime baseline", self.baseline),
                 ("weights + tokenizer (resident)", self.load_overhead),
+                ("matmul state (warm-up)", self.matmul_state),
                 ("step workspace (profiled)", self.workspace), ("safety margin", self.margin),
                 ("KV pool", self.kv_pool)]
         lines = [f"  {name:<32}{format_size(v):>12}" for name, v in rows]

@@ -23,16 +23,18 @@ from memlm.memory import fused_ops
 
 
 def row_bucket(m: int) -> int:
-    """Rows a bf16 matmul is padded to: 1, 2, 4, ..., 64, then multiples of 64.
+    """Rows a bf16 matmul is padded to: 1, 2, 4, ..., 256, then multiples of 256.
 
     oneDNN keeps state for every distinct matmul shape it has seen (~0.7 MiB per row count per
-    weight, measured), so unpadded row counts 1..640 would grow RSS by hundreds of MiB behind
-    the budget's back. Buckets bound the shapes to ~20 per weight; `warm_up` creates them all
-    during the engine's profile step, where the budget measures them.
+    weight, measured), so unpadded row counts 1..1024 would grow RSS by hundreds of MiB behind
+    the budget's back. Buckets bound the shapes to 12 per weight up to 1024 rows; `warm_up`
+    creates them all before the engine's profile step, and the budget counts them as resident.
+    Padding is cheap where it happens: up to 256 rows the matmuls are bound by reading the
+    weights, not by the rows; above, busy steps are full (exactly max_num_batched_tokens).
     """
-    if m <= 64:
+    if m <= 256:
         return 1 << max(0, (m - 1).bit_length())
-    return -(-m // 64) * 64
+    return -(-m // 256) * 256
 
 
 def _padded_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -44,10 +46,11 @@ def _padded_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 class _CastCache:
-    """The padded bf16 copy of the last input: q/k/v (and gate/up) projections read the same
-    x, so it is cast once, not three times. Holds one tensor; compared by identity."""
+    """The padded bf16 copy of the last input: projections that read the same x cast it once.
+    Holds one tensor; compared by identity. Also carries the codec's `pack` choice."""
 
-    def __init__(self):
+    def __init__(self, pack: bool = True):
+        self.pack = pack
         self.src: torch.Tensor | None = None
         self.bf16: torch.Tensor | None = None
 
@@ -98,7 +101,7 @@ class Bf16Linear(nn.Module):
                  out_dtype: torch.dtype = torch.float32):
         super().__init__()
         dense = weight.detach().to(torch.bfloat16)
-        self.packed = prepack(dense)
+        self.packed = prepack(dense) if cast.pack else None
         # Only one copy is kept: the oneDNN-packed one when packing works here, else the dense.
         self.weight = None if self.packed is not None else nn.Parameter(dense, requires_grad=False)
         self.in_features, self.out_features = dense.shape[1], dense.shape[0]
@@ -214,9 +217,13 @@ def _install_fused_layers(model: nn.Module) -> None:
         layer.forward = types.MethodType(_fused_layer_forward, layer)
 
 
-def use_bf16_matmuls(model: nn.Module) -> nn.Module:
-    """Rewrite `model` in place (see the module docstring); returns it."""
-    cast = _CastCache()
+def use_bf16_matmuls(model: nn.Module, pack: bool = True) -> nn.Module:
+    """Rewrite `model` in place (see the module docstring); returns it.
+
+    pack: hold CPU weights in oneDNN's packed layout (`prepack`); pass False for a model that
+    will move to a GPU (packed tensors are CPU-only and would not move with it).
+    """
+    cast = _CastCache(pack)
     _fuse_projections(model, cast)
     # Keep only (parent, name) pairs, never the old layers themselves, so each fp32 weight is
     # freed as soon as its bf16 copy exists: peak = fp32 model + one layer, not fp32 + bf16.
@@ -236,7 +243,7 @@ def use_bf16_matmuls(model: nn.Module) -> nn.Module:
                 if p.dtype != torch.float32:
                     setattr(mod, pname, nn.Parameter(p.detach().float(), requires_grad=False))
     model.compute_logits = types.MethodType(_bf16_logits, model)
-    if model.cfg.tie_word_embeddings:
+    if model.cfg.tie_word_embeddings and pack:
         # The embedding lookup needs the plain table, so a tied head gets a second, packed
         # copy: +2 bytes per vocabulary x hidden (56 MiB for SmolLM2), decode logits ~1.8x faster.
         model.lm_head_packed = prepack(model.embed.weight.detach())

@@ -121,3 +121,16 @@ def test_fused_bf16_layers_stay_close_to_fp32():
     assert out.dtype == torch.float32
     rel = (out - ref).norm() / ref.norm()
     assert rel < 3e-2, rel
+
+
+def test_bf16_linear_fused_bias_and_gelu_post_op():
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(96, 32, generator=g) * 0.2, torch.randn(96, generator=g)
+    layer = Bf16Linear(w, b, _CastCache(), out_dtype=torch.bfloat16)
+    if layer.packed is None:
+        pytest.skip("oneDNN weight packing is not available here")
+    x = torch.randn(7, 32, generator=g)
+    expected = F.linear(x.bfloat16().float(), w.bfloat16().float(), b)
+    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+    layer.post_op = ("gelu", "tanh")
+    torch.testing.assert_close(layer(x).float(), F.gelu(expected, approximate="tanh"), rtol=2e-2, atol=2e-2)

@@ -109,6 +109,7 @@ class Bf16Linear(nn.Module):
                      else nn.Parameter(bias.detach().to(out_dtype), requires_grad=False))
         self._cast = cast
         self.out_dtype = out_dtype
+        self.post_op = ("none", "")   # oneDNN post-op (name, algorithm); packed bf16 output only
 
     @classmethod
     def fuse(cls, linears: list[nn.Linear], cast: _CastCache, out_dtype=torch.float32) -> "Bf16Linear":
@@ -129,6 +130,11 @@ class Bf16Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])                                           # (M, K)
         xb = self._cast(x2)
+        if self.packed is not None and self.out_dtype == torch.bfloat16:
+            # bias and activation ride in the matmul as oneDNN post-ops: one pass over y
+            y = torch.ops.mkldnn._linear_pointwise(xb, self.packed, self.bias, self.post_op[0], [],
+                                                   self.post_op[1])[:x2.shape[0]]
+            return y.view(*lead, y.shape[-1])
         y = (F.linear(xb, self.weight) if self.packed is None
              else torch.ops.mkldnn._linear_pointwise(xb, self.packed, None, "none", [], ""))
         y = y[:x2.shape[0]].to(self.out_dtype)                                    # (M, N)
@@ -205,8 +211,19 @@ def _fused_layer_forward(self, x: torch.Tensor, depth: int, kv, rope):
     return x + mlp.down_proj(fused_ops.silu_mul_bf16(mlp.gate_up_proj(h)))           # fp32
 
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def _install_fused_layers(model: nn.Module) -> None:
-    from memlm.models.blocks import DecoderLayer, RMSNorm
+    from memlm.models.blocks import MLP, DecoderLayer, RMSNorm
+    post_ops = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
+    for mlp in model.modules():            # ungated MLPs (GPT-2): activation in bf16 too
+        if isinstance(mlp, MLP) and not mlp.gated and isinstance(mlp.up_proj, Bf16Linear):
+            mlp.up_proj.set_out_dtype(torch.bfloat16)
+            if mlp.up_proj.packed is not None and model.cfg.activation in post_ops:
+                mlp.up_proj.post_op = post_ops[model.cfg.activation]   # fused into the matmul
+                mlp.act = _identity
     for layer in model.modules():
         if not (isinstance(layer, DecoderLayer) and layer.mixer_kind == "attention" and layer.has_mlp
                 and isinstance(layer.attn_norm, RMSNorm) and isinstance(layer.mlp_norm, RMSNorm)

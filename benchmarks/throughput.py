@@ -236,9 +236,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="32 requests, prompts 16-256, outputs 16-64")
     ap.add_argument("--models", default="smollm2,gpt2")
-    ap.add_argument("--engines", default="memlm,memlm-fp32,hf",
+    ap.add_argument("--engines", default=None,
                     help="comma list of memlm (weights/matmuls bf16 where fast, else fp32), memlm-fp32, "
-                         "hf, vllm; vllm is added when .venv-vllm exists")
+                         "hf, vllm (default: memlm,memlm-fp32,hf, plus vllm when .venv-vllm exists)")
     ap.add_argument("--budget", default="2GiB", help="memlm's --memory-budget")
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=None)
@@ -255,8 +255,8 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](args, reqs)), flush=True)
         return
 
-    engines = args.engines.split(",")
-    if VLLM_PY.exists() and "vllm" not in engines:
+    engines = (args.engines or "memlm,memlm-fp32,hf").split(",")
+    if args.engines is None and VLLM_PY.exists():
         engines.append("vllm")
     n, prompts, outputs = (32, (16, 256), (16, 64)) if args.quick else (128, (16, 512), (16, 128))
     roof = matmul_roofline(args.threads)

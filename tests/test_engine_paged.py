@@ -159,3 +159,9 @@ def test_bf16_weight_codec_halves_weights_and_stays_close(loaded, reference):
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     out, ref = llm.generate(prompts, sp), reference.generate(prompts, sp)
     assert sum(a.outputs[0].token_ids[:2] == b.outputs[0].token_ids[:2] for a, b in zip(out, ref)) >= 6
+
+
+def test_kv_pool_never_exceeds_what_the_sequences_can_use(loaded):
+    llm = LLM(loaded, engine="paged", verbose=False, memory_budget="4GiB", max_num_seqs=2)
+    max_len = min(llm.max_model_len, loaded.config.max_position_embeddings)
+    assert llm.metrics.num_kv_blocks == 2 * -(-max_len // 16)

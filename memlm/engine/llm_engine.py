@@ -101,7 +101,10 @@ class LLMEngine:
             self._profile(budget, max_len, kv_dtype)
             resident = mem.current_rss()
             planned = budget.plan_kv_blocks(resident, block_bytes(kv_dtype), config.block_size)
-            num_blocks = min(num_blocks or planned, planned)
+            # Never more than every sequence at full length can use: a big default budget
+            # should not turn into gigabytes of zeroed KV pages nobody can reach.
+            usable = config.max_num_seqs * -(-max_len // config.block_size)
+            num_blocks = min(num_blocks or planned, planned, usable)
         if num_blocks is None and self.device.type == "cuda":   # GPU memory is not in the RSS budget
             free, _ = torch.cuda.mem_get_info(self.device)
             num_blocks = int(free * GPU_KV_FRACTION) // block_bytes(kv_dtype)

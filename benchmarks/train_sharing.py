@@ -27,6 +27,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--shared-lr-scale", action="store_true",
+                    help="train a block run at n depths at lr/n (all variants; no-op without sharing)")
+    ap.add_argument("--layer-lr-scale", type=float, default=1.0,
+                    help="lr multiplier of every layer block (embedding and final norm keep --lr)")
+    ap.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default="1-layer,shared-all,repeat2,unshared")
     ap.add_argument("--json", default=None)
@@ -34,14 +39,17 @@ def main() -> None:
     tok, splits = setup(args.threads)
     print(header())
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                      schedule="cosine", warmup=args.steps // 20, eval_every=args.steps, eval_tokens=16384)
+                      schedule="cosine", warmup=args.steps // 20, eval_every=args.steps, eval_tokens=16384,
+                      shared_lr_scale=args.shared_lr_scale, layer_lr_scale=args.layer_lr_scale)
     d = args.depth
     specs = {"1-layer": f"layers=1,{args.width}", "shared-all": f"layers={d},share=all,{args.width}",
              "repeat2": f"layers={d},share=repeat2,{args.width}", "unshared": f"layers={d},{args.width}"}
     results = {}
     for name, spec in ((n, specs[n]) for n in args.variants.split(",")):
-        _, r = train_student(spec, tok, splits, cfg)
-        results[name] = {"spec": describe(spec, tok), "val_loss": r.final_val_loss, "steps": r.steps,
+        _, r = train_student(spec, tok, splits, cfg, seed=args.seed)
+        results[name] = {"spec": describe(spec, tok), "lr": args.lr, "shared_lr_scale": args.shared_lr_scale,
+                         "layer_lr_scale": args.layer_lr_scale,
+                         "val_loss": r.final_val_loss, "steps": r.steps,
                          "tokens": r.tokens, "wall_s": round(r.wall_s, 1)}
         print(f"{name:11s} {describe(spec, tok)}: val loss {r.final_val_loss:.4f} "
               f"(ppl {math.exp(r.final_val_loss):.2f}), {r.steps} steps, {r.tokens} tokens, {r.wall_s:.0f} s", flush=True)

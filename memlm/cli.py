@@ -21,7 +21,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences batched at once (default 128)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per engine step, prefill chunks + decodes (default 1024)")
+                   help="tokens per engine step, prefill chunks + decodes (default 2048)")
     p.add_argument("--kv-dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "int8"],
                    help="KV cache storage (default auto: float16 on CPU, attention computed in fp32)")
     p.add_argument("--threads", dest="num_threads", type=int, default=None,

@@ -130,3 +130,17 @@ def test_rest_bucket_kl_equals_full_kl_when_k_is_vocab():
     # and a lower bound of it for k < V
     v3, i3 = t.topk(3, dim=-1)
     assert float(kl_loss(s, v3, i3, 2.0, teacher_lse=lse)) <= float(kl_loss(s, t, None, 2.0)) + 1e-6
+
+
+def test_objective_at_t1_shares_one_log_softmax_with_the_same_values():
+    # logits [0, ln 3] at T = 1: q = [1/4, 3/4]; teacher [1/2, 1/2] on both ids (k = V = 2)
+    h = torch.tensor([[[0.0, LN(3)]]])
+    batch = {"input": torch.zeros(1, 1, dtype=torch.long), "target": torch.tensor([[1]]),
+             "teacher_ids": torch.tensor([[[0, 1]]]), "teacher_logits": torch.tensor([[[0.0, 0.0]]]),
+             "teacher_lse": torch.tensor([[LN(2)]])}
+    loss, parts = DistillObjective(DistillConfig(alpha=1.0, beta=0.5, temperature=1.0))(_Model(h), batch)
+    kl = 0.5 * LN(0.5 / 0.25) + 0.5 * LN(0.5 / 0.75)
+    assert parts["kl"] == pytest.approx(kl, rel=1e-5) and parts["ce"] == pytest.approx(-LN(0.75), rel=1e-6)
+    assert float(loss) == pytest.approx(kl - 0.5 * LN(0.75), rel=1e-5)
+    assert float(kl_loss(h[0], batch["teacher_logits"][0], batch["teacher_ids"][0], 1.0,
+                         teacher_lse=batch["teacher_lse"][0])) == pytest.approx(kl, rel=1e-5)

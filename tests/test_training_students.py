@@ -78,3 +78,20 @@ def test_fit_too_small_names_the_smallest():
         fit_student("4MiB", 49152)
     with pytest.raises(MemlmError, match="weight-dtype"):
         fit_student("64MiB", 49152, weight_dtype="fp8")
+
+
+def test_embedding_from_teacher_keeps_the_teacher_geometry():
+    import torch
+    from memlm.models import Transformer
+    from memlm.training.students import init_embedding_from_teacher
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(8, 8))[0][:, :2]                   # a 2-D subspace of R^8
+    teacher = torch.randn(40, 2) @ basis.T * 3                              # (V=40, Ht=8), rank 2
+    student = Transformer(parse_student("layers=1,hidden=2,heads=1,kv_heads=1,ffn=4", 40))
+    init_embedding_from_teacher(student, teacher, std=0.02)
+    e = student.embed.weight.detach()
+    assert float(e.std()) == pytest.approx(0.02, rel=1e-4)
+    gram_t, gram_s = teacher @ teacher.T, e @ e.T                           # rank 2: PCA keeps it exactly
+    assert torch.allclose(gram_s / gram_s.norm(), gram_t / gram_t.norm(), atol=1e-4)
+    with pytest.raises(MemlmError, match="at least the student's width"):
+        init_embedding_from_teacher(student, torch.randn(40, 1))

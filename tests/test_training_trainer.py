@@ -140,3 +140,53 @@ def test_cache_with_hidden_states_feeds_the_cosine_term(tmp_path):
     assert float(loss.detach()) == pytest.approx(parts["kl"] + parts["cos"], rel=1e-5)
     loss.backward()
     assert obj.projection.weight.grad is not None           # the projection trains with the student
+
+
+def test_shared_lr_scale_gives_a_shared_block_lr_over_its_uses():
+    from memlm.training.trainer import param_groups
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=48, layer_order=(0, 0, 0, 1))
+    model = Transformer(cfg)
+    groups = param_groups([model], 0.1, shared_lr_scale=True)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale[id(named["layers.0.attn.q_proj.weight"])] == pytest.approx(1 / 3)
+    assert scale[id(named["layers.0.attn_norm.weight"])] == pytest.approx(1 / 3)
+    assert scale[id(named["layers.1.mlp.up_proj.weight"])] == 1.0 and scale[id(named["embed.weight"])] == 1.0
+    assert {g["weight_decay"] for g in groups if id(named["layers.0.attn_norm.weight"]) in map(id, g["params"])} == {0.0}
+    torch.manual_seed(0)
+    t = Trainer(Transformer(cfg), TrainConfig(steps=1, batch_size=2, seq_len=16, lr=3e-3, warmup=0,
+                                              schedule="constant", shared_lr_scale=True),
+                WindowSampler(_tokens(), 2, 16, seed=3))
+    t.train_step()
+    assert sorted(g["lr"] for g in t.optimizer.param_groups) == pytest.approx([1e-3, 1e-3, 3e-3, 3e-3])
+    both = param_groups([model], 0.1, shared_lr_scale=True, layer_lr_scale=0.5)
+    scale = {id(p): g["lr_scale"] for g in both for p in g["params"]}
+    assert scale[id(named["layers.0.mlp.up_proj.weight"])] == pytest.approx(0.5 / 3)
+    assert scale[id(named["layers.1.mlp.up_proj.weight"])] == 0.5 and scale[id(named["final_norm.weight"])] == 1.0
+    with pytest.raises(MemlmError, match="layer_lr_scale"):
+        TrainConfig(layer_lr_scale=0)
+
+
+def test_plain_param_groups_are_unchanged_by_the_sharing_option():
+    from memlm.training.trainer import param_groups
+    model = Transformer(CFG)
+    plain, flagged = param_groups([model], 0.1), param_groups([model], 0.1, shared_lr_scale=True)
+    assert [[id(p) for p in g["params"]] for g in plain] == [[id(p) for p in g["params"]] for g in flagged]
+
+
+def test_bf16_model_dir_loads_and_matches(tmp_path):
+    loading = pytest.importorskip("memlm.loading")
+    tok = _tok()
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
+                      eos_token_ids=tok.eos_token_ids)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    checkpoint.save_model(model, tmp_path / "m", tok, dtype=torch.bfloat16)
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(str(tmp_path / "m" / "model.safetensors")).values()} == {torch.bfloat16}
+    lm = loading.load_model(tmp_path / "m")
+    ids = torch.tensor([tok.encode("to be or not")])
+    ref = Transformer(cfg)
+    ref.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+    assert torch.equal(lm.model.forward_dense(ids), ref.forward_dense(ids))

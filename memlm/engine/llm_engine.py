@@ -31,7 +31,7 @@ class EngineConfig:
     """Engine knobs. `num_kv_blocks` overrides the budget's choice (tests, experiments)."""
 
     max_num_seqs: int = 128
-    max_num_batched_tokens: int = 1024
+    max_num_batched_tokens: int = 2048
     block_size: int = 16
     kv_dtype: str = "auto"              # "auto": fp16 on CPU with the native decode kernel, else fp32
     num_kv_blocks: int | None = None

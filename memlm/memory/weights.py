@@ -26,8 +26,8 @@ def row_bucket(m: int) -> int:
     """Rows a bf16 matmul is padded to: 1, 2, 4, ..., 256, then multiples of 256.
 
     oneDNN keeps state for every distinct matmul shape it has seen (~0.7 MiB per row count per
-    weight, measured), so unpadded row counts 1..1024 would grow RSS by hundreds of MiB behind
-    the budget's back. Buckets bound the shapes to 12 per weight up to 1024 rows; `warm_up`
+    weight, measured), so unpadded row counts 1..2048 would grow RSS by hundreds of MiB behind
+    the budget's back. Buckets bound the shapes to 16 per weight up to 2048 rows; `warm_up`
     creates them all before the engine's profile step, and the budget counts them as resident.
     Padding is cheap where it happens: up to 256 rows the matmuls are bound by reading the
     weights, not by the rows; above, busy steps are full (exactly max_num_batched_tokens).

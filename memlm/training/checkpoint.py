@@ -52,13 +52,19 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
 
 
-def save_model(model, directory: str | Path, tokenizer=None) -> Path:
-    """Write a model directory `memlm generate --model <dir>` loads."""
+def save_model(model, directory: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
+    """Write a model directory `memlm generate --model <dir>` loads.
+
+    dtype: store floating-point weights in this dtype (e.g. torch.bfloat16 halves a shipped
+        student); the loader converts to its compute dtype on load. None keeps them as they are
+        (training checkpoints stay fp32 so a resume is bit-identical).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "memlm_config.json").write_text(json.dumps(model.cfg.to_dict(), indent=1))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              str(directory / "model.safetensors"), metadata={"format": "pt", "producer": "memlm"})
+    tensors = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+               for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt", "producer": "memlm"})
     if tokenizer is not None:
         save_tokenizer(tokenizer, directory)
     return directory

@@ -61,6 +61,15 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """
     T = float(temperature)
     log_q = F.log_softmax(student_logits.float() / T, dim=-1)        # (N, V)
+    return kl_from_log_probs(log_q, teacher_logits, teacher_ids, T, reverse, teacher_lse)
+
+
+def kl_from_log_probs(log_q: torch.Tensor, teacher_logits: torch.Tensor,
+                      teacher_ids: torch.Tensor | None = None, temperature: float = 2.0,
+                      reverse: bool = False, teacher_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """`kl_loss` given the student's log-probabilities at the temperature, log_softmax(z/T) (N, V),
+    so a T = 1 objective shares one full-vocabulary log-softmax between its KL and CE terms."""
+    T = float(temperature)
     if teacher_ids is None:                                           # full vocabulary
         log_p = F.log_softmax(teacher_logits.float() / T, dim=-1)
         kl = (log_q.exp() * (log_q - log_p)) if reverse else (log_p.exp() * (log_p - log_q))
@@ -90,9 +99,9 @@ def hidden_cosine_loss(student_h: torch.Tensor, teacher_h: torch.Tensor,
 @dataclass(frozen=True)
 class DistillConfig:
     alpha: float = 1.0          # weight of the KL term
-    beta: float = 0.5           # weight of the data cross-entropy
+    beta: float = 1.0           # weight of the data cross-entropy
     gamma: float = 0.0          # weight of the hidden-state cosine (needs teacher hidden states)
-    temperature: float = 2.0
+    temperature: float = 1.0    # T = 1 measured best (BENCHMARKS.md, Training)
     reverse: bool = False
 
     def __post_init__(self):
@@ -120,16 +129,21 @@ class DistillObjective(nn.Module):
         h = model.forward_dense(batch["input"])                             # (B, T, H)
         logits = model.compute_logits(h.reshape(-1, h.shape[-1]))           # (B*T, V)
         parts = {}
-        if self.cfg.beta > 0 or "teacher_logits" not in batch:
-            parts["ce"] = ce_loss(logits, batch["target"].reshape(-1))
-        if "teacher_logits" in batch and self.cfg.alpha > 0:
+        want_ce = self.cfg.beta > 0 or "teacher_logits" not in batch
+        want_kl = "teacher_logits" in batch and self.cfg.alpha > 0
+        # at T = 1 the KL and the CE use the same log-softmax: compute the (N, V) pass once
+        log_q = F.log_softmax(logits.float(), dim=-1) if want_kl and self.cfg.temperature == 1.0 else None
+        if want_ce:
+            target = batch["target"].reshape(-1)
+            parts["ce"] = ce_loss(logits, target) if log_q is None else F.nll_loss(log_q, target)
+        if want_kl:
             t_logits = batch["teacher_logits"]
             t_ids = batch.get("teacher_ids")
             lse = batch.get("teacher_lse")
-            parts["kl"] = kl_loss(logits, t_logits.reshape(-1, t_logits.shape[-1]),
-                                  None if t_ids is None else t_ids.reshape(-1, t_ids.shape[-1]),
-                                  self.cfg.temperature, self.cfg.reverse,
-                                  None if lse is None else lse.reshape(-1))
+            args = (t_logits.reshape(-1, t_logits.shape[-1]),
+                    None if t_ids is None else t_ids.reshape(-1, t_ids.shape[-1]),
+                    self.cfg.temperature, self.cfg.reverse, None if lse is None else lse.reshape(-1))
+            parts["kl"] = kl_loss(logits, *args) if log_q is None else kl_from_log_probs(log_q, *args)
         if self.projection is not None and batch.get("teacher_hidden") is not None:
             th = batch["teacher_hidden"]
             parts["cos"] = hidden_cosine_loss(h.reshape(-1, h.shape[-1]), th.reshape(-1, th.shape[-1]),

@@ -116,6 +116,31 @@ def init_weights(model, std: float = 0.02) -> None:
             p.normal_(0.0, out_std if name.endswith(("o_proj.weight", "down_proj.weight", "out_proj.weight")) else std)
 
 
+def init_embedding_from_teacher(model, teacher_embedding, std: float = 0.02) -> None:
+    """Initialize a student's (tied) embedding from the teacher's, projected onto the teacher
+    embedding's top principal directions (uncentered PCA: the leading eigenvectors of E^T E),
+    rescaled to the random init's standard deviation so logits start at the same scale.
+
+    A student of width H < Ht then starts with the teacher's token geometry (similar tokens
+    close) instead of random vectors; every other weight keeps `init_weights`.
+
+    Args:
+        teacher_embedding: (V, Ht) with the student's vocabulary V and Ht >= the student's width.
+    Raises:
+        MemlmError: vocabularies differ or the teacher is narrower than the student.
+    """
+    import torch
+    E = teacher_embedding.detach().float()                                  # (V, Ht)
+    V, H = model.embed.weight.shape
+    if E.shape[0] != V or E.shape[1] < H:
+        raise MemlmError(f"teacher embedding {tuple(E.shape)} cannot initialize a student embedding ({V}, {H}): "
+                         "it needs the same vocabulary and at least the student's width")
+    _, vecs = torch.linalg.eigh(E.T @ E)                                    # ascending eigenvalues
+    proj = E @ vecs[:, -H:].flip(-1)                                        # (V, H), largest first
+    with torch.no_grad():
+        model.embed.weight.copy_(proj * (std / proj.std()))
+
+
 def count_parameters(cfg: ModelConfig) -> int:
     """Parameters of `Transformer(cfg)` computed from the config alone (no allocation)."""
     H, I = cfg.hidden_size, cfg.intermediate_size

@@ -43,6 +43,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     clip: float = 1.0
+    shared_lr_scale: bool = False     # a block run at n depths trains at lr/n (see `param_groups`)
+    layer_lr_scale: float = 1.0       # lr multiplier of every layer block (not embeddings/final norm)
     eval_every: int = 50
     eval_tokens: int = 16384
     checkpoint_every: int = 0         # 0: only at the end (when an out dir is given)
@@ -55,6 +57,8 @@ class TrainConfig:
                 raise MemlmError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise MemlmError(f"--lr must be positive, got {self.lr}")
+        if self.layer_lr_scale <= 0:
+            raise MemlmError(f"layer_lr_scale must be positive, got {self.layer_lr_scale}")
 
     def make_schedule(self):
         extra = ({"patience": self.plateau_patience, "factor": self.plateau_factor,
@@ -82,14 +86,38 @@ class TrainResult:
         return next((h["step"] for h in self.history if h["val_loss"] <= target), None)
 
 
-def param_groups(modules, weight_decay: float) -> list[dict]:
-    """Decay matrices only; norms, biases and 1-D vectors are not decayed."""
-    decay, no_decay = [], []
+def layer_uses(model) -> dict[int, int]:
+    """Unique layer index -> how many depths run it (from `cfg.layer_order`; 1 when unshared)."""
+    order = getattr(getattr(model, "cfg", None), "layer_order", None) or ()
+    return {i: order.count(i) for i in set(order)}
+
+
+def param_groups(modules, weight_decay: float, shared_lr_scale: bool = False,
+                 layer_lr_scale: float = 1.0) -> list[dict]:
+    """Decay matrices only; norms, biases and 1-D vectors are not decayed.
+
+    shared_lr_scale: a layer block run at n depths (cross-layer sharing) gets its own groups with
+    "lr_scale" 1/n. Adam normalizes the summed gradient, so without it one step moves a shared
+    weight as far as an unshared one, but that weight acts n times on every token: the function
+    changes ~n times as much per step. The trainer multiplies each group's lr by its lr_scale.
+    layer_lr_scale: a further multiplier for every `layers.*` parameter (shared or not), the
+    control that separates "shared blocks want a lower lr" from "all blocks do".
+    """
+    groups: dict[tuple[bool, float], list] = {}
     for m in modules:
-        for p in m.parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        uses = layer_uses(m) if shared_lr_scale else {}
+        for name, p in m.named_parameters():
+            if not p.requires_grad:
+                continue
+            scale = 1.0
+            if name.startswith("layers."):
+                scale = layer_lr_scale / (max(1, uses.get(int(name.split(".")[1]), 1)) if uses else 1)
+            groups.setdefault((p.dim() >= 2, scale), []).append(p)
+    if not shared_lr_scale and layer_lr_scale == 1.0:   # the two-group layout of plain runs
+        return [{"params": groups.get((True, 1.0), []), "weight_decay": weight_decay},
+                {"params": groups.get((False, 1.0), []), "weight_decay": 0.0}]
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+            for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
 @torch.no_grad()
@@ -119,7 +147,8 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir else None
         self.val = eval_windows(val_tokens, cfg.seq_len, cfg.eval_tokens) if val_tokens is not None else None
         self.schedule = cfg.make_schedule()
-        self.optimizer = torch.optim.AdamW(param_groups([model, self.objective], cfg.weight_decay),
+        self.optimizer = torch.optim.AdamW(param_groups([model, self.objective], cfg.weight_decay,
+                                                        cfg.shared_lr_scale, cfg.layer_lr_scale),
                                            lr=cfg.lr, betas=cfg.betas, eps=1e-8)
         self.step = 0
         self.result = TrainResult()
@@ -135,7 +164,7 @@ class Trainer:
         cfg = self.cfg
         lr = self.schedule.lr_at(self.step)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         self.model.train()
         total, parts = 0.0, {}
         for i in range(cfg.accum):

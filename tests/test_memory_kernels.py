@@ -134,3 +134,20 @@ def test_bf16_linear_fused_bias_and_gelu_post_op():
     torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
     layer.post_op = ("gelu", "tanh")
     torch.testing.assert_close(layer(x).float(), F.gelu(expected, approximate="tanh"), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bf16_logits_recompute_the_top_candidates_in_fp32(tie):
+    """bf16 matmul output rounds logits to a coarse step; the top REFINE_TOP of each row must be
+    the fp32 dot products of the unrounded hidden state with the (bf16) head rows."""
+    from memlm.memory import weights
+    loaded = ef.tiny_loaded(ef.llama_config(tie_word_embeddings=tie), seed=7)
+    model = use_bf16_matmuls(loaded.model)
+    hidden = torch.randn(5, model.cfg.hidden_size, generator=torch.Generator().manual_seed(4)) * 8
+    with torch.inference_mode():
+        logits = model.compute_logits(hidden)
+    head = model.embed.weight if tie else model.lm_head.weight
+    exact = hidden @ head.float().T
+    top = logits.topk(weights.REFINE_TOP, dim=-1).indices
+    torch.testing.assert_close(logits.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-4)
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))

@@ -153,15 +153,33 @@ class Bf16Embedding(nn.Module):
         return F.embedding(ids, self.weight).float()
 
 
+REFINE_TOP = 16   # logits recomputed exactly (fp32) per row, see _bf16_logits
+
+
 def _bf16_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-    """(n, H) fp32 -> (n, vocab) fp32 logits through the bf16 LM head."""
-    if isinstance(getattr(self, "lm_head", None), Bf16Linear):      # untied head: its own layer
-        return self.lm_head(hidden)
-    x = _padded_bf16(hidden)
-    packed = getattr(self, "lm_head_packed", None)
-    y = (F.linear(x, self.lm_head_weight) if packed is None
-         else torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
-    return y[:hidden.shape[0]].float()
+    """(n, H) fp32 -> (n, vocab) fp32 logits through the bf16 LM head.
+
+    The bf16 matmul rounds its *output* to bf16: at logit ~16 that is a 0.125 step, enough to
+    tie candidates fp32 keeps 0.08 apart (it flipped SmolLM2's first answer token). So the
+    REFINE_TOP largest logits of each row are recomputed in fp32 from the unrounded hidden
+    state and the (bf16-exact) head rows; the tail keeps bf16 resolution.
+    """
+    head = getattr(self, "lm_head", None)
+    if isinstance(head, Bf16Linear):                                   # untied head: its own layer
+        y, weight, bias = head(hidden).float(), head.weight, head.bias
+    else:
+        x = _padded_bf16(hidden)
+        packed = getattr(self, "lm_head_packed", None)
+        y = (F.linear(x, self.lm_head_weight) if packed is None
+             else torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+        y, weight, bias = y[:hidden.shape[0]].float(), self.lm_head_weight, None
+    if weight is None or y.shape[0] == 0:
+        return y
+    top = y.topk(min(REFINE_TOP, y.shape[1]), dim=-1).indices                     # (n, k)
+    exact = torch.einsum("nh,nkh->nk", hidden.float(), weight[top].float())        # (n, k)
+    if bias is not None:
+        exact = exact + bias.float()[top]
+    return y.scatter_(1, top, exact)
 
 
 def warm_up(model: nn.Module, max_rows: int) -> None:
@@ -248,8 +266,10 @@ def use_bf16_matmuls(model: nn.Module, pack: bool = True) -> nn.Module:
              if isinstance(child, (nn.Linear, nn.Embedding))]
     for parent, name in slots:
         child = getattr(parent, name)
-        new = (Bf16Linear(child.weight, child.bias, cast) if isinstance(child, nn.Linear)
-               else Bf16Embedding(child))
+        # an untied LM head stays dense (unpacked): `_bf16_logits` gathers its rows
+        head = parent is model and name == "lm_head"
+        new = (Bf16Linear(child.weight, child.bias, _CastCache(pack=False) if head else cast)
+               if isinstance(child, nn.Linear) else Bf16Embedding(child))
         del child
         setattr(parent, name, new)
     with torch.no_grad():                      # norms, biases, anything else: fp32

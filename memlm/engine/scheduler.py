@@ -19,7 +19,7 @@ from memlm.memory.block_pool import BlockPool
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64               # sequences holding KV at once
-    max_num_batched_tokens: int = 512    # tokens per step (prefill chunks + decodes)
+    max_num_batched_tokens: int = 2048   # tokens per step (prefill chunks + decodes)
     max_model_len: int = 2048            # positions per sequence
     share_prompt_blocks: bool = True     # n > 1 forks share the prompt's full blocks
 

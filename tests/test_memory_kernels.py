@@ -101,7 +101,7 @@ def test_bf16_linear_packed_equals_dense():
     expected = F.linear(x.bfloat16(), lin.weight.bfloat16()).float() + lin.bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-2, atol=1e-2)
     assert (layer.packed is None) == (layer.weight is not None)     # exactly one copy is held
-    dense = Bf16Linear(lin.weight, lin.bias, _CastCache(pack=False))  # what a GPU-bound model gets
+    dense = Bf16Linear(lin.weight, lin.bias, _CastCache(), pack=False)  # what a GPU-bound model gets
     assert dense.packed is None and dense.weight.dtype == torch.bfloat16
     torch.testing.assert_close(dense(x), layer(x), rtol=0, atol=0)
 

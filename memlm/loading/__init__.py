@@ -22,6 +22,7 @@ __all__ = ["DEFAULT_MODEL", "IncrementalDetokenizer", "LoadedModel", "Tokenizer"
 
 
 def _resolve(name_or_path: str | Path) -> Path:
+    """A preset name -> its file; a file inside a checkpoint directory -> the directory."""
     text = str(name_or_path)
     path = Path(text).expanduser()
     if not path.exists() and is_preset(text):
@@ -68,11 +69,7 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, device="cpu", dtype=tor
         ModelLoadError (or UnsupportedModelError): with a one-line message saying what to do.
     """
     text = str(name_or_path)
-    path = Path(text).expanduser()
-    if not path.exists() and is_preset(text):
-        return load_gguf(resolve_preset(text), device=device, dtype=dtype)
-    if path.is_file() and (path.suffix == ".safetensors" or path.name.endswith("config.json")):
-        path = path.parent                      # a file inside a checkpoint directory
+    path = _resolve(text)
     if path.is_dir():
         return load_hf_dir(path, device=device, dtype=dtype)
     if path.suffix == ".gguf" or (path.is_file() and path.suffix not in PICKLE_SUFFIXES):

@@ -117,17 +117,12 @@ _SIGNATURES = {
     "rope_bf16": [_P, _P, _P, _I, _I, _I, _I],
     "silu_mul_bf16": [_P, _P, _I, _I],
 }
-_lib = None
-_tried = False
+_LIBRARY = native.Library("fused_ops", _SOURCE, _SIGNATURES)
 
 
 def available() -> bool:
     """True when the native library is built and loadable (built on first call)."""
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        _lib = native.load("fused_ops", _SOURCE, _SIGNATURES)
-    return _lib is not None
+    return _LIBRARY.lib is not None
 
 
 def _native(*tensors: torch.Tensor) -> bool:
@@ -140,7 +135,7 @@ def rms_norm_bf16(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), w, eps).to(torch.bfloat16)
     M, H = x.shape
     out = torch.empty(M, H, dtype=torch.bfloat16)
-    _lib.rms_norm_bf16(x.data_ptr(), w.data_ptr(), out.data_ptr(), M, H, eps)
+    _LIBRARY.lib.rms_norm_bf16(x.data_ptr(), w.data_ptr(), out.data_ptr(), M, H, eps)
     return out
 
 
@@ -152,7 +147,7 @@ def add_rms_norm_bf16(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: fl
     M, H = x.shape
     s = torch.empty(M, H, dtype=torch.float32)
     out = torch.empty(M, H, dtype=torch.bfloat16)
-    _lib.add_rms_norm_bf16(x.data_ptr(), y.data_ptr(), w.data_ptr(), s.data_ptr(), out.data_ptr(), M, H, eps)
+    _LIBRARY.lib.add_rms_norm_bf16(x.data_ptr(), y.data_ptr(), w.data_ptr(), s.data_ptr(), out.data_ptr(), M, H, eps)
     return s, out
 
 
@@ -170,7 +165,7 @@ def rope_bf16_(t: torch.Tensor, n_heads: int, head_dim: int, cos: torch.Tensor, 
         x.copy_(x * cos[:, None].to(x.dtype) + rotated * sin[:, None].to(x.dtype))
         return
     assert t.stride(1) == 1
-    _lib.rope_bf16(t.data_ptr(), cos.data_ptr(), sin.data_ptr(), M, t.stride(0), n_heads, head_dim)
+    _LIBRARY.lib.rope_bf16(t.data_ptr(), cos.data_ptr(), sin.data_ptr(), M, t.stride(0), n_heads, head_dim)
 
 
 def silu_mul_bf16(gu: torch.Tensor) -> torch.Tensor:
@@ -180,5 +175,5 @@ def silu_mul_bf16(gu: torch.Tensor) -> torch.Tensor:
         g, u = gu.chunk(2, dim=-1)
         return F.silu(g) * u
     out = torch.empty(M, I2 // 2, dtype=torch.bfloat16)
-    _lib.silu_mul_bf16(gu.data_ptr(), out.data_ptr(), M, I2 // 2)
+    _LIBRARY.lib.silu_mul_bf16(gu.data_ptr(), out.data_ptr(), M, I2 // 2)
     return out

@@ -1,6 +1,6 @@
 """Building and loading memlm's small C kernels (CPU only).
 
-Owns: compiling a kernel source once per machine with the system C compiler into
+Owns: compiling a kernel source once per machine (lazily, through `Library`) with the system C compiler into
 `~/.cache/memlm/kernels` (keyed by source, flags and the CPU's feature flags), loading it with
 ctypes, and the one switch that turns every native kernel off (`MEMLM_NATIVE=0`).
 Does not know: what the kernels compute; `paged_attention.py` and `fused_ops.py` own their
@@ -84,3 +84,19 @@ def load(name: str, source: str, signatures: dict[str, list]) -> ctypes.CDLL | N
     except (OSError, AttributeError, subprocess.SubprocessError):
         return None
     return lib
+
+
+class Library:
+    """One kernel library, built and loaded on first use; `lib` is None where it cannot be."""
+
+    def __init__(self, name: str, source: str, signatures: dict[str, list]):
+        self.name, self.source, self.signatures = name, source, signatures
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+
+    @property
+    def lib(self) -> ctypes.CDLL | None:
+        if not self._tried:
+            self._tried = True
+            self._lib = load(self.name, self.source, self.signatures)
+        return self._lib

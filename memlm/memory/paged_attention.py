@@ -132,19 +132,15 @@ DEFINE_DECODE(paged_decode_attention_f16_hd64, _Float16, widen_f16, 64, 16)
 DEFINE_DECODE(paged_decode_attention_i8_hd64, int8_t, widen_i8, 64, 16)
 """
 
-_lib = None
-_tried = False
+_SIGNATURE = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_float]
+_LIBRARY = native.Library("paged_attention", _SOURCE,
+                          {f"paged_decode_attention_{t}{h}": _SIGNATURE
+                           for t in ("f32", "f16", "i8") for h in ("", "_hd64")})
 
 
 def available() -> bool:
     """True when the native kernel is built and loadable (built on first call)."""
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        sig = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_float]
-        _lib = native.load("paged_attention", _SOURCE, {f"paged_decode_attention_{t}{h}": sig
-                                                        for t in ("f32", "f16", "i8") for h in ("", "_hd64")})
-    return _lib is not None
+    return _LIBRARY.lib is not None
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -164,7 +160,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     nkv = k_cache.shape[1]
     out = torch.empty_like(q)
     kind = {torch.float16: "f16", torch.float32: "f32", torch.int8: "i8"}[k_cache.dtype]
-    fn = getattr(_lib, f"paged_decode_attention_{kind}{'_hd64' if (hd, block_size) == (64, 16) else ''}")
+    fn = getattr(_LIBRARY.lib, f"paged_decode_attention_{kind}{'_hd64' if (hd, block_size) == (64, 16) else ''}")
     if k_cache.dtype == torch.int8 and (k_scales is None or v_scales is None):
         raise ValueError("an int8 KV cache needs its k/v scales")
     fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),

@@ -47,10 +47,9 @@ def _padded_bf16(x: torch.Tensor) -> torch.Tensor:
 
 class _CastCache:
     """The padded bf16 copy of the last input: projections that read the same x cast it once.
-    Holds one tensor; compared by identity. Also carries the codec's `pack` choice."""
+    Holds one tensor; compared by identity."""
 
-    def __init__(self, pack: bool = True):
-        self.pack = pack
+    def __init__(self):
         self.src: torch.Tensor | None = None
         self.bf16: torch.Tensor | None = None
 
@@ -98,10 +97,10 @@ class Bf16Linear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, cast: _CastCache,
-                 out_dtype: torch.dtype = torch.float32):
+                 out_dtype: torch.dtype = torch.float32, pack: bool = True):
         super().__init__()
         dense = weight.detach().to(torch.bfloat16)
-        self.packed = prepack(dense) if cast.pack else None
+        self.packed = prepack(dense) if pack else None
         # Only one copy is kept: the oneDNN-packed one when packing works here, else the dense.
         self.weight = None if self.packed is not None else nn.Parameter(dense, requires_grad=False)
         self.in_features, self.out_features = dense.shape[1], dense.shape[0]
@@ -112,14 +111,15 @@ class Bf16Linear(nn.Module):
         self.post_op = ("none", "")   # oneDNN post-op (name, algorithm); packed bf16 output only
 
     @classmethod
-    def fuse(cls, linears: list[nn.Linear], cast: _CastCache, out_dtype=torch.float32) -> "Bf16Linear":
+    def fuse(cls, linears: list[nn.Linear], cast: _CastCache, out_dtype=torch.float32,
+             pack: bool = True) -> "Bf16Linear":
         """One matmul for several projections of the same input: outputs concatenated."""
         weight = torch.cat([m.weight.detach().to(torch.bfloat16) for m in linears])
         biases = [m.bias for m in linears]
         bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach().float() if b is not None else torch.zeros(m.out_features)
              for b, m in zip(biases, linears)])
-        return cls(weight, bias, cast, out_dtype)
+        return cls(weight, bias, cast, out_dtype, pack)
 
     def set_out_dtype(self, dtype: torch.dtype) -> None:
         self.out_dtype = dtype
@@ -199,15 +199,15 @@ def warm_up(model: nn.Module, max_rows: int) -> None:
                 model.compute_logits(torch.zeros(b, head.shape[1]))
 
 
-def _fuse_projections(model: nn.Module, cast: _CastCache) -> None:
+def _fuse_projections(model: nn.Module, cast: _CastCache, pack: bool) -> None:
     """q/k/v -> one `qkv_proj`, gate/up -> one `gate_up_proj` (bf16 out), freeing the parts."""
     bf16 = torch.bfloat16
     for mod in model.modules():
         if getattr(mod, "qkv_proj", False) is None and hasattr(mod, "q_proj"):
-            mod.qkv_proj = Bf16Linear.fuse([mod.q_proj, mod.k_proj, mod.v_proj], cast, bf16)
+            mod.qkv_proj = Bf16Linear.fuse([mod.q_proj, mod.k_proj, mod.v_proj], cast, bf16, pack)
             del mod.q_proj, mod.k_proj, mod.v_proj
         if getattr(mod, "gate_up_proj", False) is None and getattr(mod, "gated", False):
-            mod.gate_up_proj = Bf16Linear.fuse([mod.gate_proj, mod.up_proj], cast, bf16)
+            mod.gate_up_proj = Bf16Linear.fuse([mod.gate_proj, mod.up_proj], cast, bf16, pack)
             del mod.gate_proj, mod.up_proj
 
 
@@ -258,8 +258,8 @@ def use_bf16_matmuls(model: nn.Module, pack: bool = True) -> nn.Module:
     pack: hold CPU weights in oneDNN's packed layout (`prepack`); pass False for a model that
     will move to a GPU (packed tensors are CPU-only and would not move with it).
     """
-    cast = _CastCache(pack)
-    _fuse_projections(model, cast)
+    cast = _CastCache()
+    _fuse_projections(model, cast, pack)
     # Keep only (parent, name) pairs, never the old layers themselves, so each fp32 weight is
     # freed as soon as its bf16 copy exists: peak = fp32 model + one layer, not fp32 + bf16.
     slots = [(m, name) for m in model.modules() for name, child in m.named_children()
@@ -268,7 +268,7 @@ def use_bf16_matmuls(model: nn.Module, pack: bool = True) -> nn.Module:
         child = getattr(parent, name)
         # an untied LM head stays dense (unpacked): `_bf16_logits` gathers its rows
         head = parent is model and name == "lm_head"
-        new = (Bf16Linear(child.weight, child.bias, _CastCache(pack=False) if head else cast)
+        new = (Bf16Linear(child.weight, child.bias, cast, pack=pack and not head)
                if isinstance(child, nn.Linear) else Bf16Embedding(child))
         del child
         setattr(parent, name, new)

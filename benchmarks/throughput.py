@@ -76,6 +76,7 @@ def worker_memlm(args, reqs, dtype: str = "auto") -> dict:
     from memlm import LLM, SamplingParams
     from memlm.engine.runner import bf16_matmul_is_fast
     kw = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
+    kw["kv_dtype"] = args.kv_dtype
     if dtype == "auto":   # what LLM(model_name) picks; spelled out so the random GPT-2 gets it too
         dtype = "bfloat16" if bf16_matmul_is_fast(torch.device("cpu")) else "float32"
     llm = LLM(_memlm_model(args.model), memory_budget=args.budget, verbose=False, dtype=dtype, **kw)
@@ -108,10 +109,12 @@ def decode_probe(llm, args) -> dict:
     before = llm.metrics
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True), use_tqdm=False)
     after = llm.metrics
-    tokens = after.decode_tokens - before.decode_tokens
-    seconds = after.decode_seconds - before.decode_seconds
+    tokens = after.decode_step_tokens - before.decode_step_tokens    # decode-only steps: their
+    seconds = after.decode_seconds - before.decode_seconds           # time is all decode
+    n_steps = after.decode_steps - before.decode_steps
     gflop = tokens * flops_per_token(llm.config, ctx + steps // 2) / 1e9
-    return {"batch": B, "context": ctx, "tokens_per_s": tokens / seconds, "gflops": gflop / seconds}
+    return {"batch": B, "mean_batch": tokens / n_steps, "context": ctx, "tokens_per_s": tokens / seconds,
+            "gflops": gflop / seconds}
 
 
 def flops_per_token(cfg, context: int) -> float:
@@ -192,7 +195,7 @@ WORKERS = {"memlm": worker_memlm, "memlm-fp32": lambda a, r: worker_memlm(a, r, 
 def run_worker(engine: str, args, work_file: Path) -> dict:
     py = str(VLLM_PY) if engine == "vllm" else sys.executable
     cmd = [py, __file__, "--worker", engine, "--model", args.model_name, "--workload", str(work_file),
-           "--budget", args.budget, "--hf-batch", str(args.hf_batch)]
+           "--budget", args.budget, "--hf-batch", str(args.hf_batch), "--kv-dtype", args.kv_dtype]
     if args.quick:
         cmd.append("--quick")
     if args.max_num_seqs is not None:
@@ -240,6 +243,7 @@ def main() -> None:
                     help="comma list of memlm (weights/matmuls bf16 where fast, else fp32), memlm-fp32, "
                          "hf, vllm (default: memlm,memlm-fp32,hf, plus vllm when .venv-vllm exists)")
     ap.add_argument("--budget", default="2GiB", help="memlm's --memory-budget")
+    ap.add_argument("--kv-dtype", default="auto", help="memlm's --kv-dtype (auto: fp16 on CPU)")
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every engine")
@@ -300,7 +304,8 @@ def print_summary(model: str, runs: dict, roof: float) -> None:
     for e in ours:
         r = runs[e][0]
         d = r["decode_probe"]
-        print(f"  {e} ({r['dtype']} matmuls) batched decode (B={d['batch']}, ctx {d['context']}): "
+        print(f"  {e} ({r['dtype']} matmuls) batched decode ({d['batch']} sequences, mean batch "
+              f"{d.get('mean_batch', d['batch']):.1f}, ctx {d['context']}): "
               f"{d['tokens_per_s']:.0f} tok/s = {d['gflops']:.0f} GFLOP/s = {d['gflops'] / roof:.0%} of the "
               f"fp32 matmul roofline")
         print(f"  {e} budget {r['budget'] / 2**20:.0f} MiB, peak RSS {r['peak_rss'] / 2**20:.0f} MiB, "

@@ -210,8 +210,9 @@ def cmd_info(args) -> int:
           f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv heads (head_dim {cfg.head_dim}), "
           f"mlp {cfg.mlp} {cfg.intermediate_size}, {cfg.norm} norm, {cfg.position} positions, "
           f"vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} embeddings")
-    print(f"parameters:   {loaded.model.num_parameters():,}")
-    print(f"weights:      {format_size(loaded.weight_bytes)} as loaded ({loaded.weight_bytes:,} bytes)")
+    from memlm.memory.weights import num_parameters
+    print(f"parameters:   {num_parameters(loaded.model):,}")
+    print(f"weights:      {format_size(loaded.weight_bytes)} as held in memory ({loaded.weight_bytes:,} bytes)")
     print(f"kv cache:     {format_size(cfg.kv_bytes_per_token)} per token (fp32)")
     if llm is not None:
         print(f"memory plan (--memory-budget {args.memory_budget}):")

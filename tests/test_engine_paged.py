@@ -42,6 +42,9 @@ def test_greedy_equals_reference_on_mixed_lengths(loaded, reference):
     assert tokens(llm.generate(prompts, sp)) == tokens(reference.generate(prompts, sp))
     m = llm.metrics
     assert m.kv_blocks_used == 0 and m.num_running == 0 and m.decode_tokens > 0
+    # decode-only steps: at most every sequence at once, and never more tokens than decoded overall
+    assert 0 < m.decode_step_tokens <= m.decode_tokens and 1 <= m.mean_decode_batch <= 24
+    assert m.decode_steps <= m.num_steps
 
 
 def test_tiny_pool_preempts_and_matches_ample_pool(loaded):

@@ -11,9 +11,10 @@ from memlm.memory.block_pool import BlockPool  # noqa: E402
 from memlm.sampling import SamplingParams  # noqa: E402
 
 
-def make(num_blocks=8, block_size=4, max_seqs=3, budget=6, max_len=64):
+def make(num_blocks=8, block_size=4, max_seqs=3, budget=6, max_len=64, headroom=0):
+    """headroom=0: admission takes any free block, the policy most tests here pin down."""
     pool = BlockPool(num_blocks, block_size)
-    return Scheduler(SchedulerConfig(max_seqs, budget, max_len), pool), pool
+    return Scheduler(SchedulerConfig(max_seqs, budget, max_len, admission_headroom=headroom), pool), pool
 
 
 def req(i, prompt_len, max_tokens=8, n=1):
@@ -75,6 +76,33 @@ def test_preemption_frees_newest_and_resumes_by_recompute():
     while sched.has_unfinished():
         step(sched)
     assert b.sequences[0].completion.token_ids == [65] * 6 and pool.num_free_blocks == 4
+
+
+def test_admission_keeps_headroom_for_running_growth():
+    """The preemption workload above, with headroom: b waits until a's next tokens are covered
+    (a still needs 2 more blocks for its 6 outputs), so nothing is preempted or recomputed."""
+    sched, pool = make(num_blocks=4, block_size=4, budget=16, max_seqs=4, headroom=64)
+    a, b = req(0, 7, max_tokens=6), req(1, 7, max_tokens=6)
+    sched.add(a), sched.add(b)
+    out = step(sched)
+    assert plan(out) == [("0", 0, 7)] and sched.num_waiting == 1
+    while not a.finished:
+        out = step(sched)
+        assert [r for r, *_ in plan(out)] == ["0"]
+    out = step(sched)
+    assert plan(out) == [("1", 0, 7)]
+    while sched.has_unfinished():
+        step(sched)
+    assert sched.num_preemptions == 0 and b.sequences[0].completion.token_ids == [65] * 6
+    assert pool.num_free_blocks == 4
+
+
+def test_headroom_never_blocks_an_idle_pool():
+    """With nothing running there is no growth to protect: the head of the queue is admitted."""
+    sched, _ = make(num_blocks=4, block_size=4, budget=16, headroom=1000)
+    r = req(0, 15, max_tokens=1)
+    sched.add(r)
+    assert plan(step(sched)) == [("0", 0, 15)]
 
 
 def test_prompt_that_never_fits_fails_alone():

@@ -12,7 +12,7 @@ import engine_fakes as ef  # noqa: E402
 from engine_fakes import one_torch_thread  # noqa: E402,F401  (autouse)
 
 from memlm.memory import fused_ops, paged_attention  # noqa: E402
-from memlm.memory.weights import Bf16Linear, _CastCache, use_bf16_matmuls, weight_bytes  # noqa: E402
+from memlm.memory.weights import Bf16Linear, _CastCache, num_parameters, use_bf16_matmuls, weight_bytes  # noqa: E402,E501
 from memlm.models.kv import DenseView  # noqa: E402
 
 needs_attention_kernel = pytest.mark.skipif(not paged_attention.available(),
@@ -23,11 +23,12 @@ needs_fused_kernels = pytest.mark.skipif(not fused_ops.available(), reason="no C
 @needs_attention_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8])
 @pytest.mark.parametrize("B,nh,nkv,hd,bs", [(1, 6, 2, 16, 4), (5, 6, 2, 16, 4), (40, 6, 2, 16, 4),
-                                            (7, 4, 4, 16, 4), (3, 9, 3, 64, 16), (9, 9, 3, 64, 16)])
+                                            (7, 4, 4, 16, 4), (3, 9, 3, 64, 16), (9, 9, 3, 64, 16),
+                                            (4, 4, 4, 64, 16), (2, 10, 1, 64, 16)])
 def test_decode_attention_matches_dense_softmax(dtype, B, nh, nkv, hd, bs):
     """Both task layouts (one KV head per task for few sequences, whole rows for many), GQA and
-    MHA, the generic and the compiled-in (head 64, block 16) shapes, shuffled block tables,
-    lengths that end mid-block."""
+    MHA, the generic and the head-64 / block-16 kernels (AVX-512 where built, and its fallback
+    for more than 8 query heads per KV head), shuffled block tables, lengths that end mid-block."""
     g = torch.Generator().manual_seed(B * 10 + nh)
     num_blocks = 800
     if dtype == torch.int8:
@@ -111,11 +112,12 @@ def test_fused_bf16_layers_stay_close_to_fp32():
     loaded = ef.tiny_loaded(ef.llama_config(), seed=5)
     model = loaded.model
     ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
-    fp32_bytes = model.weight_bytes()
+    fp32_bytes, params = model.weight_bytes(), model.num_parameters()
     with torch.inference_mode():
         ref = model.forward_dense(ids)
         use_bf16_matmuls(model)
         assert 0.45 * fp32_bytes < weight_bytes(model) < 0.55 * fp32_bytes   # packed copies counted
+        assert num_parameters(model) == params
         assert all(layer.attn.qkv_proj is not None and "forward" in vars(layer) for layer in model.layers)
         out = model.forward_dense(ids)
     assert out.dtype == torch.float32
@@ -151,3 +153,32 @@ def test_bf16_logits_recompute_the_top_candidates_in_fp32(tie):
     top = logits.topk(weights.REFINE_TOP, dim=-1).indices
     torch.testing.assert_close(logits.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-4)
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("n,V", [(0, 100), (1, 37), (5, 1000), (3, 16)])
+def test_bf16_logits_refine_widens_and_recomputes_each_rows_top_k(native, n, V, monkeypatch):
+    """Entries strictly above a row's k-th largest bf16 value are exact fp32 dot products,
+    exactly k entries are recomputed (ties at the k-th place may pick either), the rest are the
+    bf16 values widened."""
+    if native and not fused_ops.available():
+        pytest.skip("no C compiler / MEMLM_NATIVE=0")
+    if not native:
+        monkeypatch.setattr(fused_ops, "_native", lambda *t: False)
+    g = torch.Generator().manual_seed(n * 1000 + V)
+    H, k = 48, min(16, V)
+    hidden = torch.randn(n, H, generator=g) * 4
+    w = torch.randn(V, H, generator=g).to(torch.bfloat16)
+    exact = hidden @ w.float().T
+    y = exact.to(torch.bfloat16)
+    out = fused_ops.bf16_logits_refine(y, hidden, w, k)
+    assert out.shape == (n, V) and out.dtype == torch.float32
+    widened = y.float()
+    for r in range(n):
+        changed = out[r] != widened[r]
+        refined = changed | (out[r] == exact[r])
+        kth = widened[r].topk(k).values[-1]
+        above = widened[r] > kth
+        torch.testing.assert_close(out[r][above], exact[r][above], rtol=1e-5, atol=1e-5)
+        assert int(changed.sum()) <= k and bool(refined[above].all())
+        assert torch.equal(out[r][~refined], widened[r][~refined])

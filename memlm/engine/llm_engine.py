@@ -61,10 +61,12 @@ class EngineMetrics:
     num_waiting: int
     num_running: int
     prefill_tokens: int
-    decode_tokens: int
+    decode_tokens: int              # all decode tokens, also those riding in prefill steps
     prefill_seconds: float          # time of steps that contained prefill tokens
     decode_seconds: float           # time of decode-only steps
     num_steps: int
+    decode_steps: int = 0           # decode-only steps
+    decode_step_tokens: int = 0     # tokens of decode-only steps (what decode_seconds timed)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -72,7 +74,12 @@ class EngineMetrics:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+        return self.decode_step_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def mean_decode_batch(self) -> float:
+        """Sequences per decode-only step."""
+        return self.decode_step_tokens / self.decode_steps if self.decode_steps else 0.0
 
 
 class LLMEngine:
@@ -125,7 +132,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._arrivals = 0
         self._stats = dict(prefill_tokens=0, decode_tokens=0, prefill_seconds=0.0,
-                           decode_seconds=0.0, steps=0, frag_sum=0.0, frag_steps=0)
+                           decode_seconds=0.0, steps=0, frag_sum=0.0, frag_steps=0,
+                           decode_steps=0, decode_step_tokens=0)
 
     def _profile(self, budget: mem.MemoryBudget, max_len: int, kv_dtype) -> None:
         """Measure the peak of the largest step (vLLM's warm-up profile) and the slack it leaves."""
@@ -188,6 +196,8 @@ class LLMEngine:
             st["prefill_seconds"] += out.seconds
         else:
             st["decode_seconds"] += out.seconds
+            st["decode_steps"] += 1
+            st["decode_step_tokens"] += out.num_decode_tokens
         st["prefill_tokens"] += out.num_prefill_tokens
         st["decode_tokens"] += out.num_decode_tokens
         if self.pool.num_used_blocks:
@@ -218,7 +228,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions, num_waiting=self.scheduler.num_waiting,
             num_running=self.scheduler.num_running, prefill_tokens=st["prefill_tokens"],
             decode_tokens=st["decode_tokens"], prefill_seconds=st["prefill_seconds"],
-            decode_seconds=st["decode_seconds"], num_steps=st["steps"])
+            decode_seconds=st["decode_seconds"], num_steps=st["steps"], decode_steps=st["decode_steps"],
+            decode_step_tokens=st["decode_step_tokens"])
 
     def describe_plan(self) -> str:
         """The budget ledger and KV pool size, a few lines."""

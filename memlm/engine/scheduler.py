@@ -1,7 +1,8 @@
 """Continuous batching: which sequences run this step and how many tokens each.
 
 Owns: the waiting queue and running list (both in arrival order), admission (FCFS while KV
-blocks and the step's token budget allow), chunked prefill mixed with decodes, preemption by
+blocks, less the running sequences' growth over their next `admission_headroom` tokens, and the
+step's token budget allow), chunked prefill mixed with decodes, preemption by
 recompute when blocks run out (newest sequence first, so the oldest always progresses: no
 starvation), n > 1 forks sharing
 the prompt's full blocks, and finishing (freeing blocks). Returns typed `SchedulerOutput`s.
@@ -22,11 +23,14 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048   # tokens per step (prefill chunks + decodes)
     max_model_len: int = 2048            # positions per sequence
     share_prompt_blocks: bool = True     # n > 1 forks share the prompt's full blocks
+    admission_headroom: int = 64         # tokens of growth kept free for each running sequence
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.admission_headroom < 0:
+            raise ValueError(f"SchedulerConfig.admission_headroom must be >= 0, got {self.admission_headroom}")
 
 
 @dataclass
@@ -130,20 +134,37 @@ class Scheduler:
             # else `seq` left `running` (preempted or finished); index i is already the next one
 
         # No admissions in a step that had to preempt: the pool is full, new work would thrash.
+        headroom = self._headroom() if self.waiting and not preempted else 0
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs \
                 and not preempted:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self._grow(seq, n):
+            need = self.pool.blocks_for(seq.num_computed_tokens + n) - len(seq.block_table)
+            if self.pool.num_free_blocks - need < headroom or not self._grow(seq, n):
                 break
             self.waiting.popleft()
             seq.status = RequestStatus.RUNNING
             self._insert_running(seq)
             scheduled.append(self._slice(seq, n))
             budget -= n
+            headroom += self._growth(seq)
 
         freed, self._freed = self._freed, []
         return SchedulerOutput(scheduled, preempted, freed)
+
+    def _growth(self, seq: Sequence) -> int:
+        """Blocks `seq` needs for the rest of its prompt and its next `admission_headroom` tokens
+        (fewer if its max_tokens ends sooner)."""
+        h = self.config.admission_headroom
+        max_tokens = seq.request.params.max_tokens
+        if max_tokens is not None:
+            h = max(0, min(h, max_tokens - seq.num_output_tokens))
+        return max(0, self.pool.blocks_for(seq.num_tokens + h) - len(seq.block_table))
+
+    def _headroom(self) -> int:
+        """Free blocks that admission leaves to the running sequences' near-term growth, so that
+        a newly admitted prompt does not force a preemption (a full recompute) a few steps later."""
+        return sum(self._growth(s) for s in self.running) if self.config.admission_headroom else 0
 
     def _reserve(self, seq: Sequence, n: int, preempted: list[int]) -> bool:
         """Blocks for `n` more tokens of a running sequence, preempting the newest if needed.

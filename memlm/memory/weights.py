@@ -89,6 +89,14 @@ def weight_bytes(model: nn.Module) -> int:
     return model.weight_bytes() + packed
 
 
+def num_parameters(model: nn.Module) -> int:
+    """Parameter count of a model before or after `use_bf16_matmuls` (prepacked weights are not
+    nn.Parameters, so `model.num_parameters()` alone misses them)."""
+    packed = sum(m.out_features * m.in_features for m in model.modules()
+                 if isinstance(m, Bf16Linear) and m.packed is not None)
+    return model.num_parameters() + packed
+
+
 class Bf16Linear(nn.Module):
     """y = x @ W^T + b with W stored in bf16; x cast to bf16 for the matmul.
 
@@ -172,7 +180,10 @@ def _bf16_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         packed = getattr(self, "lm_head_packed", None)
         y = (F.linear(x, self.lm_head_weight) if packed is None
              else torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
-        y, weight, bias = y[:hidden.shape[0]].float(), self.lm_head_weight, None
+        weight = self.lm_head_weight
+        if weight.dtype == torch.bfloat16 and weight.is_contiguous():
+            return fused_ops.bf16_logits_refine(y[:hidden.shape[0]], hidden.float().contiguous(), weight, REFINE_TOP)
+        y, bias = y[:hidden.shape[0]].float(), None
     if weight is None or y.shape[0] == 0:
         return y
     top = y.topk(min(REFINE_TOP, y.shape[1]), dim=-1).indices                     # (n, k)

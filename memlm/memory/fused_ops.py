@@ -102,7 +102,17 @@ void silu_mul_bf16(const uint16_t* restrict gu, uint16_t* restrict out, int M, i
             const uint16_t* restrict g = gu + (int64_t)i * 2 * I;
             const uint16_t* restrict u = g + I;
             uint16_t* restrict o = out + (int64_t)i * I;
-            for (int d = 0; d < I; d++) {
+            int d = 0;
+#if defined(__AVX512F__)
+            for (; d + 16 <= I; d += 16) {
+                const __m512 a = bf16x16_load(g + d), b = bf16x16_load(u + d);
+                const __m512 den = _mm512_add_ps(_mm512_set1_ps(1.f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), a)));
+                __m512 r = _mm512_rcp14_ps(den);                    /* 1/den: 2^-14, then */
+                r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, _mm512_set1_ps(2.f)));   /* Newton */
+                bf16x16_store(o + d, _mm512_mul_ps(_mm512_mul_ps(a, b), r));
+            }
+#endif
+            for (; d < I; d++) {
                 const float a = bf2f(g[d]);
                 o[d] = f2bf(a * bf2f(u[d]) / (1.f + exp_approx(-a)));
             }

@@ -146,21 +146,6 @@ DEFINE_DECODE(paged_decode_attention_i8, int8_t, widen_i8, hd_arg, bs_arg)
 #ifndef PF
 #define PF 2
 #endif
-static inline __m512 exp512(__m512 x) {          /* x <= 0; 2^n * p(f), |f| <= 0.5 */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(0.000154035304f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00133335581f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.00961812911f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0555041087f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240226507f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693147181f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* lane t of the result = sum of the 16 lanes of v[t] */
 static inline __m512 sum16x16(const __m512 v[16]) {
     __m512 w[8], x[4], y[2];

@@ -237,7 +237,7 @@ def _fused_layer_forward(self, x: torch.Tensor, depth: int, kv, rope):
     out = kv.attend(depth, q.view(N, nh, hd), k.view(N, nkv, hd), v.view(N, nkv, hd))  # (N, nh, hd)
     a = attn.o_proj(out.reshape(N, nh * hd))                                          # bf16
     x, h = fused_ops.add_rms_norm_bf16(x, a, self.mlp_norm.weight, self.mlp_norm.eps)
-    return x + mlp.down_proj(fused_ops.silu_mul_bf16(mlp.gate_up_proj(h)))           # fp32
+    return x.add_(mlp.down_proj(fused_ops.silu_mul_bf16(mlp.gate_up_proj(h))))      # fp32 += bf16
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -260,6 +260,7 @@ def _install_fused_layers(model: nn.Module) -> None:
                 and layer.mlp.act is F.silu):
             continue
         layer.attn.o_proj.set_out_dtype(torch.bfloat16)
+        layer.mlp.down_proj.set_out_dtype(torch.bfloat16)    # added into the fp32 stream in one pass
         layer.forward = types.MethodType(_fused_layer_forward, layer)
 
 

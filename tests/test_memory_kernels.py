@@ -182,3 +182,23 @@ def test_bf16_logits_refine_widens_and_recomputes_each_rows_top_k(native, n, V, 
         torch.testing.assert_close(out[r][above], exact[r][above], rtol=1e-5, atol=1e-5)
         assert int(changed.sum()) <= k and bool(refined[above].all())
         assert torch.equal(out[r][~refined], widened[r][~refined])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_row_argmax_is_torch_argmax(native, monkeypatch):
+    """First maximum per row, ties across and within vector lanes, NaN as the maximum, -inf rows,
+    widths below, at and off the 16-lane vector."""
+    if native and not fused_ops.available():
+        pytest.skip("no C compiler / MEMLM_NATIVE=0")
+    if not native:
+        monkeypatch.setattr(fused_ops, "_native", lambda *t: False)
+    g = torch.Generator().manual_seed(3)
+    cases = [torch.randn(n, V, generator=g) for n, V in ((64, 4099), (3, 17), (5, 16), (2, 1))]
+    cases.append(torch.randint(0, 3, (50, 100), generator=g).float())
+    special = torch.randn(6, 100, generator=g)
+    special[1, 40] = special[5, 99] = float("nan")
+    special[3, 7] = float("inf")
+    special[4] = float("-inf")
+    cases.append(special)
+    for x in cases:
+        assert torch.equal(fused_ops.row_argmax(x), x.argmax(-1))

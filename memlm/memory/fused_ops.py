@@ -8,6 +8,7 @@ instead of the 3-6 separate torch ops (and fp32<->bf16 copies) they take otherwi
     rope_bf16_(t, n, cos, sin)   rotary embedding of the first n heads of a bf16 row, in place
     silu_mul_bf16(gu)            silu(gate) * up of a fused [gate | up] bf16 row
     bf16_logits_refine(y, h, w)  a bf16 LM head's logits widened, each row's top k exact
+    row_argmax(x)                first maximum of each fp32 row
 
 Measured on the 2-vCPU AMX machine: the torch versions of these took ~40% of a 512-token
 bf16 prefill step after the matmuls went bf16. Every function gives the same result (up to
@@ -169,6 +170,43 @@ void bf16_logits_refine(const uint16_t* y, const float* hid, const uint16_t* w, 
         }
     }
 }
+
+/* Index of each row's first maximum; -1 for a row holding a NaN (the caller defers to torch,
+   whose argmax treats NaN as the maximum). One pass: each lane keeps its max and first index. */
+void row_argmax(const float* x, int64_t* out, int n, int V) {
+    #pragma omp parallel for schedule(static) if ((int64_t)n * V >= 4 * PAR_MIN)
+    for (int r = 0; r < n; r++) {
+        const float* xr = x + (int64_t)r * V;
+        float best = -INFINITY; int64_t bi = 0; int nan = 0; int v = 0;
+#if defined(__AVX512F__)
+        if (V >= 16) {
+            __m512 bv = _mm512_loadu_ps(xr);
+            __m512i bidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            __m512i idx = bidx;
+            __mmask16 unord = _mm512_cmp_ps_mask(bv, bv, _CMP_UNORD_Q);
+            for (v = 16; v + 16 <= V; v += 16) {
+                idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+                const __m512 xv = _mm512_loadu_ps(xr + v);
+                unord |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+                const __mmask16 gt = _mm512_cmp_ps_mask(xv, bv, _CMP_GT_OQ);
+                bv = _mm512_mask_mov_ps(bv, gt, xv);
+                bidx = _mm512_mask_mov_epi32(bidx, gt, idx);
+            }
+            nan = unord != 0;
+            float lv[16]; int32_t li[16];
+            _mm512_storeu_ps(lv, bv); _mm512_storeu_si512(li, bidx);
+            best = lv[0]; bi = li[0];
+            for (int l = 1; l < 16; l++)
+                if (lv[l] > best || (lv[l] == best && li[l] < bi)) { best = lv[l]; bi = li[l]; }
+        }
+#endif
+        for (; v < V; v++) {
+            if (xr[v] != xr[v]) nan = 1;
+            if (xr[v] > best || (v == 0 && !(xr[v] < best))) { best = xr[v]; bi = v; }
+        }
+        out[r] = nan ? -1 : bi;
+    }
+}
 """
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
@@ -178,6 +216,7 @@ _SIGNATURES = {
     "rope_bf16": [_P, _P, _P, _I, _I, _I, _I],
     "silu_mul_bf16": [_P, _P, _I, _I],
     "bf16_logits_refine": [_P, _P, _P, _P, _I, _I, _I, _I],
+    "row_argmax": [_P, _P, _I, _I],
 }
 _LIBRARY = native.Library("fused_ops", _SOURCE, _SIGNATURES)
 
@@ -259,4 +298,17 @@ def bf16_logits_refine(y: torch.Tensor, hidden: torch.Tensor, weight: torch.Tens
     out = torch.empty(n, V, dtype=torch.float32)
     _LIBRARY.lib.bf16_logits_refine(y.data_ptr(), hidden.data_ptr(), weight.data_ptr(), out.data_ptr(),
                                     n, V, hidden.shape[1], min(k, V))
+    return out
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x (n, V) fp32 -> (n,) int64 index of each row's first maximum, as `x.argmax(-1)` (NaN
+    counts as the maximum), in one vectorized pass (torch's argmax took 3.9 ms on 64 x 49152)."""
+    if not (_native(x) and x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous()) or x.shape[1] == 0:
+        return x.argmax(dim=-1)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _LIBRARY.lib.row_argmax(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1])
+    bad = out < 0
+    if bool(bad.any()):
+        out[bad] = x[bad].argmax(dim=-1)
     return out

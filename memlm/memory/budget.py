@@ -132,6 +132,7 @@ class MemoryBudget:
         if defaulted and verbose:
             print(f"memlm: memory budget {format_size(total)} ({DEFAULT_FRACTION:.0%} of available RAM; "
                   "set --memory-budget to change)", file=sys.stderr, flush=True)
+        release_free_heap()        # freed heap pages are not part of the baseline
         b = cls(total=total, baseline=current_rss(), defaulted=defaulted)
         if b.baseline + MIN_MARGIN >= total:
             raise OutOfBudgetError(f"memory budget {format_size(total)} is below the runtime's own "

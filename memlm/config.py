@@ -63,6 +63,8 @@ class ModelConfig:
     A model has `num_layers` unique layers (parameter sets). `layer_order` says which unique
     layer runs at each depth, so `(0, 0, 1, 1)` repeats each block in place (MobileLLM) and
     `(0,) * 12` shares one block across all depths (ALBERT). The KV cache is indexed by depth.
+    `depth_norms` and `depth_gates` give a shared block a few unshared parameters per depth
+    (see `models/blocks.py` `DecoderLayer`).
     """
 
     vocab_size: int
@@ -88,6 +90,9 @@ class ModelConfig:
     layer_order: tuple[int, ...] | None = None  # per depth; None: range(num_layers)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # Per-depth parameters for shared layers (all default off: a plain model is unchanged).
+    depth_norms: bool = False                # one RMSNorm weight per depth a layer runs at
+    depth_gates: bool = False                # learned scalars on the mixer and MLP outputs, per depth
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
@@ -116,6 +121,9 @@ class ModelConfig:
         if not order or any(not 0 <= i < self.num_layers for i in order):
             raise ValueError(f"ModelConfig.layer_order must index unique layers 0..{self.num_layers - 1}, got {order}")
         object.__setattr__(self, "layer_order", order)
+        if (self.depth_norms or self.depth_gates) and self.norm != "rms":
+            raise ValueError("ModelConfig.depth_norms / depth_gates need norm='rms', got "
+                             f"{self.norm!r}")
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
 
     @property

@@ -24,6 +24,23 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class DepthNorm(nn.Module):
+    """RMSNorm with one weight row per slot: a shared layer's norm at each depth it runs at.
+
+    Deliberately not an `RMSNorm` subclass: the inference engine fuses only layers whose norms
+    are `RMSNorm` (one weight per layer), so a layer holding a `DepthNorm` keeps the plain
+    `DecoderLayer.forward`, which knows the depth.
+    """
+
+    def __init__(self, dim: int, eps: float, slots: int):
+        super().__init__()
+        self.eps = eps
+        self.weights = nn.ParameterList(nn.Parameter(torch.ones(dim)) for _ in range(slots))
+
+    def forward(self, x, slot: int):
+        return F.rms_norm(x, (x.shape[-1],), self.weights[slot], self.eps)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rms":
         return RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -161,20 +178,64 @@ MIXER_REGISTRY = {"attention": Attention, "recurrent": RecurrentMixer}
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual layer: x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual layer: x + mixer(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, cfg: ModelConfig, mixer: str):
+    A layer run at several depths (`depths`, from `cfg.layer_order`) can keep a few parameters
+    per depth, picked by the depth's slot s (its index in `depths`):
+
+        x = x + g_a[s] * mixer(norm_a[s](x));   x = x + g_m[s] * mlp(norm_m[s](x))
+
+        cfg.depth_norms  norm_*[s]: one RMSNorm weight row per slot (else one row for all slots)
+        cfg.depth_gates  g_*[s]: learned scalars, initialised to 1 (else the constant 1)
+
+    With either option the norms are `DepthNorm`s (so the engine never fuses the layer); without
+    both the layer holds plain `RMSNorm`s and runs the unchanged pre-norm forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, mixer: str, depths: tuple[int, ...] = (0,)):
         super().__init__()
         self.mixer_kind = mixer
-        self.attn_norm = make_norm(cfg)
+        self.per_depth = cfg.depth_norms or cfg.depth_gates
+        self.slots = {d: s for s, d in enumerate(depths)}   # depth -> slot of per-depth params
+        self.depth_norms = cfg.depth_norms
+        self.depth_gates = cfg.depth_gates
+        n = len(depths) if cfg.depth_norms else 1
+        norm = (lambda: DepthNorm(cfg.hidden_size, cfg.norm_eps, n)) if self.per_depth else (lambda: make_norm(cfg))
+        self.attn_norm = norm()
         self.attn = MIXER_REGISTRY[mixer](cfg)
         self.has_mlp = cfg.mlp != "none"
         if self.has_mlp:
-            self.mlp_norm = make_norm(cfg)
+            self.mlp_norm = norm()
             self.mlp = MLP(cfg)
+        if cfg.depth_gates:
+            self.attn_gate = nn.Parameter(torch.ones(len(depths)))   # (slots,)
+            if self.has_mlp:
+                self.mlp_gate = nn.Parameter(torch.ones(len(depths)))
+
+    def per_depth_parameter_names(self) -> list[str]:
+        """Local names of parameters that act at one depth each, even when the layer is shared."""
+        names = []
+        if self.depth_norms:
+            norms = ("attn_norm", "mlp_norm") if self.has_mlp else ("attn_norm",)
+            names += [f"{n}.weights.{i}" for n in norms for i in range(len(self.slots))]
+        if self.depth_gates:
+            names += ["attn_gate", "mlp_gate"] if self.has_mlp else ["attn_gate"]
+        return names
 
     def forward(self, x, depth: int, kv, rope):
+        if self.per_depth:
+            return self._forward_per_depth(x, depth, kv, rope)
         x = x + self.attn(self.attn_norm(x), depth, kv, rope)
         if self.has_mlp:
             x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+    def _forward_per_depth(self, x, depth: int, kv, rope):
+        s = self.slots[depth]
+        n = s if self.depth_norms else 0
+        h = self.attn(self.attn_norm(x, n), depth, kv, rope)
+        x = x + (self.attn_gate[s] * h if self.depth_gates else h)
+        if self.has_mlp:
+            h = self.mlp(self.mlp_norm(x, n))
+            x = x + (self.mlp_gate[s] * h if self.depth_gates else h)
         return x

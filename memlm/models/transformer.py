@@ -22,7 +22,9 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         if cfg.position == "learned":
             self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, m) for m in cfg.mixers)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, m, tuple(d for d, j in enumerate(cfg.layer_order) if j == i))
+            for i, m in enumerate(cfg.mixers))
         self.final_norm = make_norm(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -56,6 +58,11 @@ class Transformer(nn.Module):
             if hidden_states is not None:
                 hidden_states.append(x)
         return self.final_norm(x)
+
+    def per_depth_parameter_names(self) -> set[str]:
+        """Parameters that act at one depth only (`cfg.depth_norms / depth_gates`), even inside a
+        shared layer: the trainer does not give them a shared block's reduced learning rate."""
+        return {f"layers.{i}.{n}" for i, layer in enumerate(self.layers) for n in layer.per_depth_parameter_names()}
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, H) -> (n, vocab) fp32 logits. Call only on the rows that need them."""

@@ -83,7 +83,8 @@ def load_model_dir(directory: str | Path):
 def is_llama_shaped(cfg: ModelConfig) -> bool:
     return (all(m == "attention" for m in cfg.mixers) and cfg.layer_order == tuple(range(cfg.num_layers))
             and cfg.norm == "rms" and cfg.mlp == "swiglu" and cfg.position == "rope"
-            and cfg.activation == "silu" and not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias))
+            and cfg.activation == "silu" and not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias)
+            and not (cfg.depth_norms or cfg.depth_gates))
 
 
 _HF_NAMES = (("embed.weight", "model.embed_tokens.weight"), ("final_norm.weight", "model.norm.weight"),

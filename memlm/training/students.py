@@ -12,6 +12,12 @@ Spec keys (all optional next to a preset; `preset=` picks the base):
     share     none | all (one block for every depth, ALBERT) | repeatN (each unique block runs
               N times in place, MobileLLM)
     mlp       swiglu | gelu | none          tie   1 | 0 (tied input/output embeddings)
+    per_depth unshared extras for shared blocks, "+"-joined (e.g. share=all,per_depth=norms+gates):
+              norms  one RMSNorm weight per depth (H params per norm per depth)
+              gates  learned scalars on the attention and MLP outputs per depth, init 1
+              Each is a `ModelConfig` field, so checkpoints round-trip; the engine runs such a
+              student through the plain (unfused) `DecoderLayer.forward`. The trainer gives
+              these per-depth rows the base lr, not a shared block's scaled one.
 """
 from __future__ import annotations
 
@@ -33,7 +39,18 @@ STUDENT_PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "xl":     (24, 576, 9, 3, 1536),
 }
 
-_SPEC_KEYS = {"preset", "layers", "hidden", "heads", "kv_heads", "ffn", "mixers", "share", "mlp", "tie"}
+_SPEC_KEYS = {"preset", "layers", "hidden", "heads", "kv_heads", "ffn", "mixers", "share", "mlp", "tie",
+              "per_depth"}
+PER_DEPTH = {"norms": "depth_norms", "gates": "depth_gates"}
+
+
+def _per_depth(value: str) -> dict[str, bool]:
+    """'norms+gates' -> {"depth_norms": True, "depth_gates": True} (ModelConfig fields)."""
+    names = [v for v in value.replace(" ", "").split("+") if v and v != "none"]
+    unknown = set(names) - set(PER_DEPTH)
+    if unknown:
+        raise MemlmError(f"per_depth={value!r}: use a +-joined subset of {sorted(PER_DEPTH)}, e.g. norms+gates")
+    return {PER_DEPTH[n]: True for n in names}
 
 
 def _mixers(letters: str, n: int) -> tuple[str, ...]:
@@ -94,7 +111,8 @@ def parse_student(spec: str, vocab_size: int, max_position_embeddings: int = 204
                            mixers=_mixers(fields.get("mixers", "A"), n_unique), layer_order=order,
                            tie_word_embeddings=fields.get("tie", "1") not in ("0", "false", "no"),
                            max_position_embeddings=max_position_embeddings, arch="memlm-student",
-                           eos_token_ids=tuple(eos_token_ids), bos_token_id=bos_token_id)
+                           eos_token_ids=tuple(eos_token_ids), bos_token_id=bos_token_id,
+                           **_per_depth(fields.get("per_depth", "")))
     except ValueError as e:
         raise MemlmError(f"student spec {spec!r} is not a valid model: {e}") from None
 
@@ -149,7 +167,12 @@ def count_parameters(cfg: ModelConfig) -> int:
     mlp = {"swiglu": 3 * H * I, "gelu": 2 * H * I, "none": 0}[cfg.mlp]
     mixer = {"attention": H * q + 2 * H * kv + q * H,
              "recurrent": H * 3 * H + 3 * H + H * H}
-    per_layer = [mixer[m] + norm + (mlp + norm if cfg.mlp != "none" else 0) for m in cfg.mixers]
+    per_layer = []
+    for i, m in enumerate(cfg.mixers):
+        uses = cfg.layer_order.count(i)
+        n_norm = norm * (uses if cfg.depth_norms else 1)
+        gates = uses * (2 if cfg.mlp != "none" else 1) if cfg.depth_gates else 0
+        per_layer.append(mixer[m] + n_norm + (mlp + n_norm if cfg.mlp != "none" else 0) + gates)
     embed = cfg.vocab_size * H * (1 if cfg.tie_word_embeddings else 2)
     pos = cfg.max_position_embeddings * H if cfg.position == "learned" else 0
     return embed + pos + sum(per_layer) + norm

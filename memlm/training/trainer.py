@@ -101,16 +101,19 @@ def param_groups(modules, weight_decay: float, shared_lr_scale: bool = False,
     weight as far as an unshared one, but that weight acts n times on every token: the function
     changes ~n times as much per step. The trainer multiplies each group's lr by its lr_scale.
     layer_lr_scale: a further multiplier for every `layers.*` parameter (shared or not), the
-    control that separates "shared blocks want a lower lr" from "all blocks do".
+    control that separates "shared blocks want a lower lr" from "all blocks do". Neither scale
+    applies to per-depth parameters inside a layer (`Transformer.per_depth_parameter_names`:
+    depth norms and gates act at one depth each, like the embedding).
     """
     groups: dict[tuple[bool, float], list] = {}
     for m in modules:
         uses = layer_uses(m) if shared_lr_scale else {}
+        per_depth = m.per_depth_parameter_names() if hasattr(m, "per_depth_parameter_names") else set()
         for name, p in m.named_parameters():
             if not p.requires_grad:
                 continue
             scale = 1.0
-            if name.startswith("layers."):
+            if name.startswith("layers.") and name not in per_depth:
                 scale = layer_lr_scale / (max(1, uses.get(int(name.split(".")[1]), 1)) if uses else 1)
             groups.setdefault((p.dim() >= 2, scale), []).append(p)
     if not shared_lr_scale and layer_lr_scale == 1.0:   # the two-group layout of plain runs

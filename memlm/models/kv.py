@@ -105,8 +105,11 @@ class ContiguousCache:
         self.v[depth][:, start:start + T] = v.transpose(0, 1)
         keys = self.k[depth][None, :, :start + T]  # (1, nkv, L, hd)
         vals = self.v[depth][None, :, :start + T]
-        out = causal_attention(q.transpose(0, 1)[None], keys, vals, q_offset=start)  # (1, nh, T, hd)
-        return out[0].transpose(0, 1)
+        # The cache keeps the model's dtype; a bf16-matmul model hands in bf16 q/k/v (stored
+        # widened, attended in the cache's dtype, returned in v's dtype like the paged view).
+        q = q.transpose(0, 1)[None].to(keys.dtype)
+        out = causal_attention(q, keys, vals, q_offset=start)  # (1, nh, T, hd)
+        return out[0].transpose(0, 1).to(v.dtype)
 
     def recurrent(self, depth, x, cell):
         y, self.state[depth] = cell.scan(x[None], self.state[depth])

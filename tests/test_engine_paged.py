@@ -170,6 +170,24 @@ def test_kv_pool_never_exceeds_what_the_sequences_can_use(loaded):
     assert llm.metrics.num_kv_blocks == 2 * -(-max_len // 16)
 
 
+def test_heap_is_trimmed_when_rss_nears_the_budget(loaded, monkeypatch):
+    """Between steps, RSS above budget - margin - half the workspace trims the heap (every step,
+    not only every TRIM_EVERY_STEPS); below it the heap keeps its freed activations."""
+    from memlm.engine import llm_engine
+    llm = LLM(loaded, engine="paged", verbose=False, memory_budget="4GiB", max_num_seqs=2)
+    b, eng = llm.budget, llm.engine
+    assert eng._trim_above == b.total - b.margin - int(b.workspace * llm_engine.TRIM_ROOM)
+    trims = []
+    monkeypatch.setattr(llm_engine.mem, "release_free_heap", lambda: trims.append(1))
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm.generate(ef.random_prompts(2, 4, 8, seed=1), sp)
+    assert trims == []                                   # far below a 4 GiB budget
+    monkeypatch.setattr(eng, "_trim_above", 0)
+    steps = llm.metrics.num_steps
+    llm.generate(ef.random_prompts(2, 4, 8, seed=1), sp)
+    assert len(trims) == llm.metrics.num_steps - steps > 0
+
+
 def test_reference_engine_runs_bf16_models(loaded):
     """dtype="bfloat16" with the reference engine: bf16 q/k/v into its fp32 cache (this raised a
     dtype mismatch in SDPA); greedy first tokens mostly agree with the fp32 reference."""

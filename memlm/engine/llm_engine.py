@@ -23,6 +23,7 @@ from memlm.memory.kv_store import KVStore
 KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
              "int8": torch.int8}
 TRIM_EVERY_STEPS = 32
+TRIM_ROOM = 0.5          # see _trim_above in LLMEngine.__init__
 GPU_KV_FRACTION = 0.5   # of free GPU memory for the KV pool when running on CUDA
 
 
@@ -129,6 +130,11 @@ class LLMEngine:
                                    self.pool, can_share_blocks="recurrent" not in cfg.mixers)
         if verbose and budget is not None:
             print(f"memlm: memory plan\n{self.describe_plan()}", file=sys.stderr, flush=True)
+        # The heap keeps freed activations for the next step (budget.pin_malloc_thresholds). Across
+        # steps of varying shapes it can hold more than the two profiled steps did, so once RSS
+        # between steps leaves less than TRIM_ROOM of the workspace plus the margin, trim it.
+        self._trim_above = (None if budget is None or self.device.type != "cpu" else
+                            budget.total - budget.margin - int(budget.workspace * TRIM_ROOM))
         self.requests: dict[str, Request] = {}
         self._arrivals = 0
         self._stats = dict(prefill_tokens=0, decode_tokens=0, prefill_seconds=0.0,
@@ -191,7 +197,8 @@ class LLMEngine:
     def _record(self, out) -> None:
         st = self._stats
         st["steps"] += 1
-        if st["steps"] % TRIM_EVERY_STEPS == 0 and self.device.type == "cpu":
+        if self.device.type == "cpu" and (st["steps"] % TRIM_EVERY_STEPS == 0 or (
+                self._trim_above is not None and mem.current_rss() > self._trim_above)):
             mem.release_free_heap()     # freed heap pages back to the OS: RSS tracks live data
         if out.num_prefill_tokens:
             st["prefill_seconds"] += out.seconds

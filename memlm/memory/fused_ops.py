@@ -280,20 +280,25 @@ def silu_mul_bf16(gu: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def bf16_logits_refine(y: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+def bf16_logits_refine(y: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, k: int,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """Logits from a bf16 LM head's rounded output, with each row's k largest recomputed exactly.
 
-    y (n, V) bf16 contiguous = hidden @ weight.T rounded to bf16; hidden (n, H) fp32
-    contiguous; weight (V, H) bf16 contiguous. Returns (n, V) fp32: y widened, except the k
-    largest entries of each row, which are hidden . weight[i] in fp32.
+    y (n, V) = hidden @ weight.T (+ bias), rounded to bf16 by the matmul (held as bf16 or fp32);
+    hidden (n, H) fp32 contiguous; weight (V, H) bf16. Returns (n, V) fp32: y widened, except
+    the k largest entries of each row, which are hidden . weight[i] (+ bias[i]) in fp32.
     """
     n, V = y.shape
-    if not (_native(y) and 1 <= k <= 64 and weight.is_contiguous()):
+    native = (_native(y) and y.dtype == weight.dtype == torch.bfloat16 and bias is None and 1 <= k <= 64
+              and y.is_contiguous() and weight.is_contiguous())
+    if not native:
         out = y.float()
         if n == 0 or k < 1:
             return out
         top = out.topk(min(k, V), dim=-1).indices                                      # (n, k)
         exact = torch.einsum("nh,nkh->nk", hidden.float(), weight[top].float())         # (n, k)
+        if bias is not None:
+            exact = exact + bias.float()[top]
         return out.scatter_(1, top, exact)
     out = torch.empty(n, V, dtype=torch.float32)
     _LIBRARY.lib.bf16_logits_refine(y.data_ptr(), hidden.data_ptr(), weight.data_ptr(), out.data_ptr(),

@@ -174,23 +174,16 @@ def _bf16_logits(self, hidden: torch.Tensor) -> torch.Tensor:
     """
     head = getattr(self, "lm_head", None)
     if isinstance(head, Bf16Linear):                                   # untied head: its own layer
-        y, weight, bias = head(hidden).float(), head.weight, head.bias
+        y, weight, bias = head(hidden), head.weight, head.bias
+        if weight is None:                                             # packed only: no rows to reread
+            return y.float()
     else:
         x = _padded_bf16(hidden)
         packed = getattr(self, "lm_head_packed", None)
         y = (F.linear(x, self.lm_head_weight) if packed is None
              else torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
-        weight = self.lm_head_weight
-        if weight.dtype == torch.bfloat16 and weight.is_contiguous():
-            return fused_ops.bf16_logits_refine(y[:hidden.shape[0]], hidden.float().contiguous(), weight, REFINE_TOP)
-        y, bias = y[:hidden.shape[0]].float(), None
-    if weight is None or y.shape[0] == 0:
-        return y
-    top = y.topk(min(REFINE_TOP, y.shape[1]), dim=-1).indices                     # (n, k)
-    exact = torch.einsum("nh,nkh->nk", hidden.float(), weight[top].float())        # (n, k)
-    if bias is not None:
-        exact = exact + bias.float()[top]
-    return y.scatter_(1, top, exact)
+        y, weight, bias = y[:hidden.shape[0]], self.lm_head_weight, None
+    return fused_ops.bf16_logits_refine(y, hidden.float().contiguous(), weight, REFINE_TOP, bias)
 
 
 def warm_up(model: nn.Module, max_rows: int) -> None:

@@ -8,6 +8,7 @@ measured side by side mean anything.
 
     python benchmarks/throughput.py              # full workload, both models
     python benchmarks/throughput.py --quick      # smoke run
+    python benchmarks/throughput.py --long --models smollm2 --budget 1GiB   # KV pool under pressure
     python benchmarks/throughput.py --models gpt2 --budget 2GiB --threads 1
 
 Engines: memlm (bf16 weights and matmuls where they are measured fast, fp32 activations; the
@@ -152,7 +153,7 @@ def worker_hf(args, reqs) -> dict:
 def worker_vllm(args, reqs) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-    llm = LLM(model=str(hf_dir(args.model)), dtype="float32", max_model_len=1024, seed=0,
+    llm = LLM(model=str(hf_dir(args.model)), dtype="float32", max_model_len=max_model_len(args), seed=0,
               skip_tokenizer_init=True)
     params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], ignore_eos=True, detokenize=False)
               for r in reqs]
@@ -160,6 +161,10 @@ def worker_vllm(args, reqs) -> dict:
     t = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     return {"seconds": time.perf_counter() - t, "output_tokens": sum(r["max_tokens"] for r in reqs)}
+
+
+def max_model_len(args) -> int:
+    return 4224 if args.long and args.model == "smollm2" else 1024
 
 
 def hf_dir(model: str) -> Path:
@@ -198,6 +203,8 @@ def run_worker(engine: str, args, work_file: Path) -> dict:
            "--budget", args.budget, "--hf-batch", str(args.hf_batch), "--kv-dtype", args.kv_dtype]
     if args.quick:
         cmd.append("--quick")
+    if args.long:
+        cmd.append("--long")
     if args.max_num_seqs is not None:
         cmd += ["--max-num-seqs", str(args.max_num_seqs)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -238,6 +245,9 @@ def matmul_roofline(threads: int | None = None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="32 requests, prompts 16-256, outputs 16-64")
+    ap.add_argument("--long", action="store_true",
+                    help="32 requests, prompts 512-4096 (GPT-2: 512-896), outputs 16-128: a few "
+                         "sequences fill the KV pool, so admission and preemption decide the speed")
     ap.add_argument("--models", default="smollm2,gpt2")
     ap.add_argument("--engines", default=None,
                     help="comma list of memlm (weights/matmuls bf16 where fast, else fp32), memlm-fp32, "
@@ -263,6 +273,8 @@ def main() -> None:
     if args.engines is None and VLLM_PY.exists():
         engines.append("vllm")
     n, prompts, outputs = (32, (16, 256), (16, 64)) if args.quick else (128, (16, 512), (16, 128))
+    if args.long:
+        n, outputs = 32, (16, 128)
     roof = matmul_roofline(args.threads)
     print(f"fp32 matmul roofline (2048^3, median of 5): {roof:.0f} GFLOP/s; threads "
           f"{args.threads or 'default'}; workload {n} requests, prompts {prompts}, outputs {outputs}")
@@ -272,9 +284,14 @@ def main() -> None:
         if "hf" in engines or "vllm" in engines:
             hf_dir(model)
         vocab = 49152 if model == "smollm2" else 50257
-        work_file = CACHE / f"workload-{model}-{'quick' if args.quick else 'full'}.json"
+        if args.long:
+            prompts = (512, 4096) if model == "smollm2" else (512, 896)
+        size = "long" if args.long else "quick" if args.quick else "full"
+        work_file = CACHE / f"workload-{model}-{size}.json"
         work_file.parent.mkdir(parents=True, exist_ok=True)
         work_file.write_text(json.dumps(workload(n, prompts, outputs, vocab)))
+        if args.long:
+            print(f"  [{model}] long workload: {n} requests, prompts {prompts}, outputs {outputs}")
         runs: dict[str, list[dict]] = {e: [] for e in engines}
         for _ in range(args.repeats):
             for e in engines:

@@ -51,7 +51,9 @@ def test_tiny_pool_preempts_and_matches_ample_pool(loaded):
     prompts = ef.random_prompts(30, 4, 90, seed=2)
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     ample = paged(loaded, num_kv_blocks=400, max_num_seqs=32).generate(prompts, sp)
-    small_llm = paged(loaded, num_kv_blocks=10, max_num_batched_tokens=32, max_num_seqs=16)
+    # no admission headroom: decodes outgrow the pool and the newest sequences are preempted
+    small_llm = paged(loaded, num_kv_blocks=10, max_num_batched_tokens=32, max_num_seqs=16,
+                      admission_headroom=0)
     small = small_llm.generate(prompts, sp)
     assert small_llm.metrics.num_preemptions > 0
     same = sum(a == b for a, b in zip(tokens(ample), tokens(small)))

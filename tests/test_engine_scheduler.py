@@ -97,6 +97,25 @@ def test_admission_keeps_headroom_for_running_growth():
     assert pool.num_free_blocks == 4
 
 
+def test_long_prompt_waits_until_all_of_it_fits_instead_of_thrashing():
+    """A prompt chunked over several steps is admitted beside running work only when its whole
+    rest fits: admitted on its first chunk alone, it would be the newest sequence, preempt itself
+    when a later chunk found no blocks, and redo that chunk every time it came back."""
+    sched, pool = make(num_blocks=8, block_size=4, budget=8, max_seqs=4, headroom=64)
+    a, b = req(0, 8, max_tokens=6), req(1, 20, max_tokens=2)   # b: 20 + 2 tokens = 6 blocks
+    sched.add(a)
+    step(sched)                                # a: blocks [0, 1], decoding
+    sched.add(b)
+    out = step(sched)                          # 5 free: b's first chunk fits, all of b does not
+    assert plan(out) == [("0", 8, 1)] and sched.num_waiting == 1
+    while not a.finished:
+        step(sched)
+    while sched.has_unfinished():
+        step(sched)
+    assert sched.num_preemptions == 0 and b.sequences[0].completion.token_ids == [65] * 2
+    assert pool.num_free_blocks == 8
+
+
 def test_headroom_never_blocks_an_idle_pool():
     """With nothing running there is no growth to protect: the head of the queue is admitted."""
     sched, _ = make(num_blocks=4, block_size=4, budget=16, headroom=1000)

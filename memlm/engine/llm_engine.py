@@ -38,12 +38,15 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     max_model_len: int = 2048
     gather_cap_tokens: int = 32768
+    admission_headroom: int = 64        # tokens of growth kept free per running sequence (0: none)
 
     def __post_init__(self):
         if self.kv_dtype not in KV_DTYPES and self.kv_dtype != "auto":
             raise ValueError(f"kv_dtype must be 'auto' or one of {sorted(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.admission_headroom < 0:
+            raise ValueError(f"admission_headroom must be >= 0, got {self.admission_headroom}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
 
@@ -126,7 +129,7 @@ class LLMEngine:
         self.runner.store = KVStore(cfg.attention_depths, num_blocks, config.block_size,
                                     cfg.num_kv_heads, cfg.head_dim, kv_dtype, self.device)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   max_len),
+                                                   max_len, admission_headroom=config.admission_headroom),
                                    self.pool, can_share_blocks="recurrent" not in cfg.mixers)
         if verbose and budget is not None:
             print(f"memlm: memory plan\n{self.describe_plan()}", file=sys.stderr, flush=True)

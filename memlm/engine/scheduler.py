@@ -1,11 +1,12 @@
 """Continuous batching: which sequences run this step and how many tokens each.
 
-Owns: the waiting queue and running list (both in arrival order), admission (FCFS while KV
-blocks, less the running sequences' growth over their next `admission_headroom` tokens, and the
-step's token budget allow), chunked prefill mixed with decodes, preemption by
+Owns: the waiting queue and running list (both in arrival order), admission (FCFS while the
+step's token budget allows and the free KV blocks cover the running sequences' growth over
+their next `admission_headroom` tokens plus the newcomer's whole prompt and headroom; alone, a
+newcomer needs only its first chunk), chunked prefill mixed with decodes, preemption by
 recompute when blocks run out (newest sequence first, so the oldest always progresses: no
-starvation), n > 1 forks sharing
-the prompt's full blocks, and finishing (freeing blocks). Returns typed `SchedulerOutput`s.
+starvation), n > 1 forks sharing the prompt's full blocks, and finishing (freeing blocks).
+Returns typed `SchedulerOutput`s.
 Does not know: tensors, the model, or text (sequences finish by their `CompletionState`).
 """
 from __future__ import annotations
@@ -139,7 +140,11 @@ class Scheduler:
                 and not preempted:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            need = self.pool.blocks_for(seq.num_computed_tokens + n) - len(seq.block_table)
+            # Beside others, the whole rest of the prompt (and its headroom) must fit, not just
+            # this chunk: a long prompt admitted on its first chunk is the newest sequence, so it
+            # would preempt itself on a later chunk and redo that chunk over and over.
+            need = (self._growth(seq) if self.running else
+                    self.pool.blocks_for(seq.num_computed_tokens + n) - len(seq.block_table))
             if self.pool.num_free_blocks - need < headroom or not self._grow(seq, n):
                 break
             self.waiting.popleft()

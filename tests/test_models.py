@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from memlm.config import ModelConfig
-from memlm.models.kv import ContiguousCache
+from memlm.models.kv import ContiguousCache, causal_attention
 from memlm.models.transformer import Transformer
 
 
@@ -90,3 +90,19 @@ def test_learned_positions_past_limit_raise():
     model = _tiny(position="learned", max_position_embeddings=8)
     with pytest.raises(ValueError, match="learned positions"):
         model.forward_dense(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("T,offset,extra", [(37, 0, 0), (1, 20, 11), (29, 40, 3), (16, 0, 0), (5, 11, 0)])
+def test_causal_attention_pads_keys_and_never_sees_past_the_last_query(T, offset, extra):
+    """Odd key counts are padded to 16 for SDPA's CPU kernel, and keys past q_offset + T (a KV
+    block's unused tail) are masked: both equal plain masked softmax attention."""
+    g = torch.Generator().manual_seed(T + offset)
+    q = torch.randn(2, 6, T, 8, generator=g)
+    L = offset + T
+    k, v = torch.randn(2, 2, L + extra, 8, generator=g), torch.randn(2, 2, L + extra, 8, generator=g)
+    out = causal_attention(q, k, v, q_offset=offset)
+    kk, vv = k[:, :, :L].repeat_interleave(3, 1), v[:, :, :L].repeat_interleave(3, 1)
+    scores = q @ kk.transpose(-1, -2) / 8 ** 0.5
+    visible = torch.arange(L)[None, :] <= torch.arange(offset, L)[:, None]
+    ref = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ vv
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -171,10 +171,9 @@ class PagedView:
             if p.q_offset == 0:
                 keys = k[p.start:p.end].transpose(0, 1)[None].to(dt)          # (1, nkv, T, hd)
                 vals = v[p.start:p.end].transpose(0, 1)[None].to(dt)
-            else:
-                L = p.q_offset + T
-                keys = store.gather(kc, p.block_table[None], dt, ks)[:, :, :L]  # (1, nkv, L, hd)
-                vals = store.gather(vc, p.block_table[None], dt, vs)[:, :, :L]
+            else:   # whole blocks: the tail past the chunk is masked (and keeps SDPA aligned)
+                keys = store.gather(kc, p.block_table[None], dt, ks)   # (1, nkv, nb * bs, hd)
+                vals = store.gather(vc, p.block_table[None], dt, vs)
             out[p.start:p.end] = causal_attention(qp, keys, vals, p.q_offset)[0].transpose(0, 1)
         return out
 

@@ -31,19 +31,29 @@ class KVView(Protocol):
         """
 
 
+# SDPA's CPU flash kernel runs up to 2x slower when the key count is not a multiple of 16 (bf16
+# 477 keys: 1.48 ms, 480: 0.66 ms, 2 threads); zero keys past every query's position cost less.
+KEY_ALIGN = 16
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int = 0) -> torch.Tensor:
     """Attention of queries at positions q_offset.. over keys at 0..; GQA by head grouping.
 
-    Args: q (B, nh, T, hd); k, v (B, nkv, L, hd) with L = q_offset + T. Returns (B, nh, T, hd).
+    Args: q (B, nh, T, hd); k, v (B, nkv, L, hd) with L >= q_offset + T: keys past the last
+    query's position (e.g. the unused tail of a sequence's last KV block) are never attended.
+    Returns (B, nh, T, hd).
     """
     T, L = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if T == 1:
+    if T == 1 and L == q_offset + 1:
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    if q_offset == 0 and T == L:
+    pad = (-L) % KEY_ALIGN if q.device.type == "cpu" and L > KEY_ALIGN else 0
+    if pad:
+        k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+    if q_offset == 0 and T == L:      # causal from the top-left: the padded keys are never seen
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     qpos = torch.arange(q_offset, q_offset + T, device=q.device)
-    mask = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]  # (T, L)
+    mask = torch.arange(L + pad, device=q.device)[None, :] <= qpos[:, None]  # (T, L + pad)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 

@@ -277,7 +277,8 @@ def main() -> None:
         n, outputs = 32, (16, 128)
     roof = matmul_roofline(args.threads)
     print(f"fp32 matmul roofline (2048^3, median of 5): {roof:.0f} GFLOP/s; threads "
-          f"{args.threads or 'default'}; workload {n} requests, prompts {prompts}, outputs {outputs}")
+          f"{args.threads or 'default'}; workload {n} requests, prompts "
+          f"{'per model, below' if args.long else prompts}, outputs {outputs}")
     report = {"roofline_gflops": roof, "models": {}}
     for model in args.models.split(","):
         args.model_name = model

@@ -46,3 +46,11 @@ def test_too_small_budget_fails_at_once_with_needed_size(tmp_path, capsys):
     assert main(["generate", "hi", "--model", str(model), "--memory-budget", "100MiB"]) == 1
     err = capsys.readouterr().err
     assert "error: memory budget" in err and "use at least" in err
+
+
+def test_bench_passes_its_options_to_the_benchmark(capfd):
+    """`memlm bench --long ...` reaches benchmarks/throughput.py (argparse alone refused a first
+    argument that looks like an option)."""
+    assert main(["bench", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert "Offline throughput" in out and "--long" in out and "--quick" in out

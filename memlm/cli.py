@@ -42,9 +42,14 @@ def _sampling_params(args):
                           top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
 
-def _make_llm(args):
+def _make_llm(args, num_seqs: int | None = None):
+    """The LLM for a command; `num_seqs` (sequences it will ever run at once) caps max_num_seqs
+    unless --max-num-seqs is given, so one chat does not claim a 128-sequence KV pool."""
+    from memlm.engine.llm_engine import EngineConfig
     from memlm.llm import LLM
     kwargs = {"model": args.model}
+    if num_seqs is not None and getattr(args, "max_num_seqs", None) is None:
+        kwargs["max_num_seqs"] = max(1, min(EngineConfig.max_num_seqs, num_seqs))
     if args.memory_budget is not None:
         kwargs["memory_budget"] = args.memory_budget
     if args.device is not None:
@@ -116,7 +121,7 @@ def cmd_generate_file(args) -> int:
     """Offline batch: every prompt of --prompts-file through the engine, JSONL out."""
     import json
     prompts, params = _read_prompts_file(args.prompts_file, _sampling_params(args))
-    llm = _make_llm(args)
+    llm = _make_llm(args, num_seqs=sum(p.n for p in params))
     chat = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
     outputs = llm.chat(chat, params) if args.chat else llm.generate(
         [p if isinstance(p, str) else llm.tokenizer.apply_chat_template(p) for p in prompts], params)
@@ -149,7 +154,7 @@ def cmd_generate(args) -> int:
     if args.prompt is None:
         raise MemlmError("no prompt given: pass PROMPT (e.g. memlm generate \"Hello\") or --prompts-file F")
     params = _sampling_params(args)
-    llm = _make_llm(args)
+    llm = _make_llm(args, num_seqs=1)
     if args.chat:
         prompt = [{"role": "user", "content": args.prompt}]
         _stream_to_stdout(llm.stream(prompt, params, chat=True))
@@ -160,7 +165,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     params = _sampling_params(args)
-    llm = _make_llm(args)
+    llm = _make_llm(args, num_seqs=1)
     history: list[dict] = []
     if args.system:
         history.append({"role": "system", "content": args.system})

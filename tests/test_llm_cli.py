@@ -54,3 +54,30 @@ def test_bench_passes_its_options_to_the_benchmark(capfd):
     assert main(["bench", "--help"]) == 0
     out = capfd.readouterr().out
     assert "Offline throughput" in out and "--long" in out and "--quick" in out
+
+
+def test_commands_size_the_engine_for_the_sequences_they_run(tmp_path, monkeypatch):
+    """One prompt or a chat runs one sequence: the engine is not built for 128 (the default
+    budget would otherwise turn into a multi-GiB KV pool); a prompts file gets its count, and
+    --max-num-seqs always wins."""
+    import memlm.llm
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(**kwargs):
+        seen.append(kwargs.get("max_num_seqs"))
+        raise Stop
+
+    monkeypatch.setattr(memlm.llm, "LLM", fake_llm)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b", "n": 3}\nc\n')
+    for argv in (["generate", "hi"], ["chat"], ["generate", "--prompts-file", str(prompts)],
+                 ["generate", "hi", "--max-num-seqs", "7"]):
+        try:
+            main(argv)
+        except Stop:
+            pass
+    assert seen == [1, 1, 5, 7]

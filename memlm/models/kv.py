@@ -31,8 +31,8 @@ class KVView(Protocol):
         """
 
 
-# SDPA's CPU flash kernel runs up to 2x slower when the key count is not a multiple of 16 (bf16
-# 477 keys: 1.48 ms, 480: 0.66 ms, 2 threads); zero keys past every query's position cost less.
+# SDPA's CPU flash kernel runs up to 2x slower when the key count is not a multiple of 16
+# (`benchmarks/prefill.py`); zero keys past every query's position cost less than that.
 KEY_ALIGN = 16
 
 

@@ -25,7 +25,7 @@ chat: install
 # Then the engine again without the native kernels: the plain-torch path a GPU runs.
 test: install
 	$(PYTHON) -m pytest -q tests
-	MEMLM_NATIVE=0 $(PYTHON) -m pytest -q tests/test_engine_paged.py tests/test_engine_async.py tests/test_llm.py
+	MEMLM_NATIVE=0 $(PYTHON) -m pytest -q tests/test_engine_paged.py tests/test_entrypoints_async.py tests/test_entrypoints_llm.py
 
 bench-load: install
 	$(PYTHON) benchmarks/load.py

@@ -29,7 +29,7 @@ def timed(fn, repeats: int = 3) -> float:
 
 
 def decode_attention(shuffled: bool) -> None:
-    from memlm.memory import paged_attention as pa
+    from memlm.kernels import attention as pa
     B, ctx, nh, nkv, hd, bs, layers = 64, 272, 9, 3, 64, 16, 30
     nb = -(-ctx // bs)
     g = torch.Generator().manual_seed(0)
@@ -61,7 +61,7 @@ def decode_attention(shuffled: bool) -> None:
             for t in tables:
                 pa.decode_attention(q, kc, vc, t, lens, bs, ks, vs)
 
-        def gather(cache, scales, t):              # what kv_store.KVStore.gather does
+        def gather(cache, scales, t):              # what kv.store.KVStore.gather does
             x = cache.view(-1, bs, nkv, hd)[t].view(B, nb * bs, nkv, hd).float()
             if dt == torch.int8:
                 x = x * scales.view(-1, bs, nkv)[t].view(B, nb * bs, nkv, 1)
@@ -84,7 +84,7 @@ def decode_attention(shuffled: bool) -> None:
 
 
 def logits() -> None:
-    from memlm.memory import fused_ops
+    from memlm.kernels import fused_ops
     g = torch.Generator().manual_seed(1)
     n, V, H = 64, 49152, 576
     hidden = torch.randn(n, H, generator=g)
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from memlm.memory import fused_ops, paged_attention
+    from memlm.kernels import attention as paged_attention, fused_ops
     if not (paged_attention.available() and fused_ops.available()):
         raise SystemExit("error: the native kernels did not build (no C compiler?); nothing to measure")
     print(f"threads {args.threads}")

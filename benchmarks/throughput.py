@@ -75,7 +75,7 @@ def _memlm_model(name: str):
 def worker_memlm(args, reqs, dtype: str = "auto") -> dict:
     import torch
     from memlm import LLM, SamplingParams
-    from memlm.engine.runner import bf16_matmul_is_fast
+    from memlm.kernels import bf16_matmul_is_fast
     kw = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
     kw["kv_dtype"] = args.kv_dtype
     if dtype == "auto":   # what LLM(model_name) picks; spelled out so the random GPT-2 gets it too
@@ -192,6 +192,7 @@ def hf_dir(model: str) -> Path:
     return out
 
 
+BASELINE = "memlm-base"
 WORKERS = {"memlm": worker_memlm, "memlm-fp32": lambda a, r: worker_memlm(a, r, "float32"),
            "hf": worker_hf, "vllm": worker_vllm}
 
@@ -199,7 +200,11 @@ WORKERS = {"memlm": worker_memlm, "memlm-fp32": lambda a, r: worker_memlm(a, r, 
 # ---- the parent -----------------------------------------------------------------------------
 def run_worker(engine: str, args, work_file: Path) -> dict:
     py = str(VLLM_PY) if engine == "vllm" else sys.executable
-    cmd = [py, __file__, "--worker", engine, "--model", args.model_name, "--workload", str(work_file),
+    root, script, worker = ROOT, __file__, engine
+    if engine == BASELINE:   # another checkout's memlm, run by that checkout's own worker code
+        root = Path(args.baseline).resolve()
+        script, worker = str(root / "benchmarks" / "throughput.py"), "memlm"
+    cmd = [py, script, "--worker", worker, "--model", args.model_name, "--workload", str(work_file),
            "--budget", args.budget, "--hf-batch", str(args.hf_batch), "--kv-dtype", args.kv_dtype]
     if args.quick:
         cmd.append("--quick")
@@ -207,7 +212,7 @@ def run_worker(engine: str, args, work_file: Path) -> dict:
         cmd.append("--long")
     if args.max_num_seqs is not None:
         cmd += ["--max-num-seqs", str(args.max_num_seqs)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(root))
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     if engine == "vllm":
@@ -257,6 +262,9 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every engine")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help=f"also run engine '{BASELINE}': the memlm of another checkout (e.g. a git worktree "
+                         "of an earlier commit), with that checkout's own worker, alternating with the others")
     ap.add_argument("--repeats", type=int, default=1, help="alternate the engines this many times")
     ap.add_argument("--json", default=None, help="also write all results here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -272,6 +280,10 @@ def main() -> None:
     engines = (args.engines or "memlm,memlm-fp32,hf").split(",")
     if args.engines is None and VLLM_PY.exists():
         engines.append("vllm")
+    if args.baseline:
+        if not (Path(args.baseline) / "benchmarks" / "throughput.py").exists():
+            raise SystemExit(f"error: --baseline {args.baseline} is not a memlm checkout (no benchmarks/throughput.py)")
+        engines.append(BASELINE)
     n, prompts, outputs = (32, (16, 256), (16, 64)) if args.quick else (128, (16, 512), (16, 128))
     if args.long:
         n, outputs = 32, (16, 128)
@@ -329,6 +341,12 @@ def print_summary(model: str, runs: dict, roof: float) -> None:
         print(f"  {e} budget {r['budget'] / 2**20:.0f} MiB, peak RSS {r['peak_rss'] / 2**20:.0f} MiB, "
               f"KV pool {r['kv_tokens']} tokens ({r['kv_dtype']}), fragmentation {r['fragmentation']:.1%}, "
               f"preemptions {r['preemptions']}")
+    if BASELINE in ours and "memlm" in ours:
+        probe = [sorted(r["decode_probe"]["tokens_per_s"] for r in runs[e]) for e in ("memlm", BASELINE)]
+        print(f"  memlm/{BASELINE} = {median('memlm', 'tokens_per_s') / median(BASELINE, 'tokens_per_s'):.3f}x "
+              f"output tok/s (medians of {len(runs['memlm'])}); decode probe tok/s memlm "
+              f"{', '.join(f'{v:.0f}' for v in probe[0])} vs {', '.join(f'{v:.0f}' for v in probe[1])}; "
+              f"peak RSS {median('memlm', 'peak_rss') / 2**20:.0f} vs {median(BASELINE, 'peak_rss') / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def main() -> None:
         if args.json:                                   # after every run: a stopped job keeps its results
             Path(args.json).write_text(json.dumps(results, indent=1))
         if args.ship and name == "distilled":
-            ship = save_model(student, args.ship, tok, dtype=torch.bfloat16)
+            ship = save_model(student, args.ship, tok, dtype="bf16")
             print(f"shipped {ship}: {sum(f.stat().st_size for f in ship.iterdir()) / 1e6:.1f} MB "
                   f"(bf16 weights {(ship / 'model.safetensors').stat().st_size / 1e6:.1f} MB)", flush=True)
     if {"distilled", "ce_only"} <= set(results):

@@ -4,16 +4,15 @@
     llm = LLM(memory_budget="2GiB")
     print(llm.generate("Hello", SamplingParams(max_tokens=20))[0].outputs[0].text)
 """
-# Names resolve lazily so `import memlm.memory.block_pool` (or the CLI's --help) stays free of
-# torch and the engine.
+# Names resolve lazily so `import memlm.kv.block_pool` stays free of torch and the engine.
 _EXPORTS = {
-    "LLM": "memlm.llm",
+    "LLM": "memlm.entrypoints.llm",
     "SamplingParams": "memlm.sampling",
     "RequestOutput": "memlm.outputs",
     "CompletionOutput": "memlm.outputs",
     "StreamChunk": "memlm.outputs",
-    "EngineConfig": "memlm.engine.llm_engine",
-    "AsyncLLM": "memlm.engine.async_engine",
+    "EngineConfig": "memlm.engine.config",
+    "AsyncLLM": "memlm.entrypoints.async_llm",
 }
 
 __all__ = list(_EXPORTS)

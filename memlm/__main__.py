@@ -1,4 +1,4 @@
 """`python -m memlm` runs the CLI."""
-from memlm.cli import main
+from memlm.entrypoints.cli import main
 
 raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""What `LLM.generate` / `LLM.stream` hand back to users (vLLM-shaped).
+"""What the front ends hand back to users (vLLM-shaped): `LLM.generate` and `AsyncLLM.generate`
+give `RequestOutput`s, `LLM.stream` and `AsyncLLM.stream` give `StreamChunk` deltas.
 
 Owns: the plain result dataclasses. Does not know: how they were produced.
 """
@@ -43,9 +44,12 @@ class RequestOutput:
 
 @dataclass
 class StreamChunk:
-    """One increment from `LLM.stream`: only the text and token ids new since the last chunk."""
+    """One increment of a stream: only the text, token ids (and logprobs) new since the last
+    chunk of the same completion. The chunks of a completion concatenate to its final output."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     index: int = 0                        # which completion (n > 1 streams interleave)
+    logprobs: list[dict[int, float]] | None = None   # per new token, when logprobs were asked for
+    stop_reason: str | int | None = None  # set with finish_reason "stop": the string or token id

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from memlm.memory import fused_ops
+from memlm.kernels import fused_ops
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Test support for the engine tests: a byte-level fake tokenizer and tiny random models.
 
-Not a test module (no `test_` prefix); imported by tests/test_engine_*.py, test_llm*.py, ...
+Not a test module (no `test_` prefix); imported by tests/test_engine_*.py, test_entrypoints_*.py, ...
 """
 from __future__ import annotations
 
@@ -12,16 +12,6 @@ from memlm.loading.base import LoadedModel
 from memlm.models.transformer import Transformer
 
 EOS, BOS = 256, 257
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Import into a test module to run it on one torch thread: tiny models gain nothing from
-    two, and OpenMP busy-waits badly when other processes share the machine's 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class ByteTokenizer:

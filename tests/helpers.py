@@ -22,19 +22,6 @@ VOCAB = 320
 PROMPTS = ["The quick brown fox", "Hello world", "memlm runs 1234", "<|im_start|>user\nhi<|im_end|>\n"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Import into a test module to run it on one torch thread.
-
-    Test processes share the machine's 2 cores; OpenMP with 2 threads then busy-waits against
-    the other process and a 16-token SmolLM2 decode goes from ~1 s to ~30 s.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def train_tokenizer(out_dir: Path, vocab_size: int = VOCAB):
     """A byte-level BPE (GPT-2 style) trained on CORPUS, saved as tokenizer.json + config."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -2,16 +2,13 @@
 
 Elsewhere the suite runs on the default device, which is CUDA when one is present; this file
 pins the CPU-vs-GPU comparison explicitly, fp32 and the bf16 codec (unpacked on GPUs)."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import engine_fakes as ef  # noqa: E402
+import engine_fakes as ef
 
-from memlm import LLM, SamplingParams  # noqa: E402
+from memlm import LLM, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

@@ -1,12 +1,9 @@
 """Stop conditions and streaming hold-back, with a byte-level tokenizer (one byte per token)."""
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from engine_fakes import EOS, ByteTokenizer  # noqa: E402
+from engine_fakes import EOS, ByteTokenizer
 
-from memlm.engine.detokenizer import CompletionState  # noqa: E402
-from memlm.sampling import SamplingParams  # noqa: E402
+from memlm.engine.detokenizer import CompletionState
+from memlm.sampling import SamplingParams
 
 TOK = ByteTokenizer()
 

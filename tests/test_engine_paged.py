@@ -1,15 +1,11 @@
 """The paged engine against the reference path, on tiny random GPT-2- and Llama-shaped models."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import engine_fakes as ef  # noqa: E402
-from engine_fakes import one_torch_thread  # noqa: E402,F401  (autouse)
+import engine_fakes as ef
 
-from memlm import LLM, SamplingParams  # noqa: E402
+from memlm import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -146,7 +142,7 @@ def test_compressed_kv_cache_stays_close_to_reference(loaded, reference, kv_dtyp
 
 
 def test_int8_kv_nearly_doubles_the_tokens_a_pool_holds():
-    from memlm.memory.kv_store import KVStore
+    from memlm.kv.store import KVStore
     args = (30, 16, 3, 64)                    # SmolLM2's attention layers, block, KV heads, head
     assert KVStore.bytes_per_block(*args, dtype=torch.int8) == 30 * 2 * 16 * 3 * (64 + 4)
     assert KVStore.bytes_per_block(*args, dtype=torch.int8) / KVStore.bytes_per_block(*args, dtype=torch.float16) == 68 / 128
@@ -176,9 +172,10 @@ def test_heap_is_trimmed_when_rss_nears_the_budget(loaded, monkeypatch):
     """Between steps, RSS above budget - margin - half the workspace trims the heap (every step,
     not only every TRIM_EVERY_STEPS); below it the heap keeps its freed activations."""
     from memlm.engine import llm_engine
+    from memlm.memory.plan import TRIM_ROOM
     llm = LLM(loaded, engine="paged", verbose=False, memory_budget="4GiB", max_num_seqs=2)
-    b, eng = llm.budget, llm.engine
-    assert eng._trim_above == b.total - b.margin - int(b.workspace * llm_engine.TRIM_ROOM)
+    plan, eng = llm.engine.plan, llm.engine
+    assert eng._trim_above == plan.total - plan.margin - int(plan.workspace * TRIM_ROOM)
     trims = []
     monkeypatch.setattr(llm_engine.mem, "release_free_heap", lambda: trims.append(1))
     sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)

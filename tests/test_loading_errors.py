@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from helpers import make_tiny_hf_llama, write_tiny_llama_gguf
-from helpers import one_torch_thread  # noqa: F401 (autouse)
 from memlm.errors import MemlmError, ModelLoadError, UnsupportedModelError
 from memlm.loading import load_gguf, load_hf_dir, load_model
 from memlm.loading.tokenizer import Tokenizer

@@ -7,7 +7,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from helpers import (PROMPTS, greedy_memlm, greedy_reference, llama_permute, llama_permute_inverse,
-                     make_tiny_hf_llama, one_torch_thread, write_tiny_llama_gguf)  # noqa: F401
+                     make_tiny_hf_llama, write_tiny_llama_gguf)  # noqa: F401
 from memlm.loading import load_gguf, load_model
 from memlm.loading.gguf import unpermute_qk
 from memlm.loading.tokenizer import Tokenizer

@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import PROMPTS, greedy_memlm, greedy_reference, make_tiny_hf_gpt2, make_tiny_hf_llama
-from helpers import one_torch_thread  # noqa: F401 (autouse)
 from memlm.loading import load_hf_dir, load_model
 
 BUILDERS = {"llama": make_tiny_hf_llama, "gpt2": make_tiny_hf_gpt2,
@@ -104,3 +103,19 @@ def test_sharded_checkpoint(tmp_path):
     sharded = load_model(str(out))
     for (n1, p1), (n2, p2) in zip(full.model.named_parameters(), sharded.model.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_load_model_with_bf16_weights(tmp_path):
+    """`weight_dtype` picks the linear method: fp32 as read, then converted layer by layer."""
+    d = make_tiny_hf_llama(tmp_path, seed=2)
+    with pytest.raises(ValueError, match="weight dtype must be one of fp32, bf16"):
+        load_model(str(d), weight_dtype="fp16")
+    full, half = load_model(str(d)), load_model(str(d), weight_dtype="bfloat16")
+    assert full.model.linear_method.name == "fp32" and half.model.linear_method.name == "bf16"
+    assert half.weight_bytes == half.model.weight_bytes() and 0.45 < half.weight_bytes / full.weight_bytes < 0.55
+    assert all(layer.fused for layer in half.model.layers)
+    ids = torch.tensor([full.tokenizer.encode(PROMPTS[0])])
+    with torch.inference_mode():
+        ref = full.model.compute_logits(full.model.forward_dense(ids)[0])
+        out = half.model.compute_logits(half.model.forward_dense(ids)[0])
+    assert (out - ref).norm() / ref.norm() < 3e-2

@@ -13,15 +13,6 @@ def test_budget_below_baseline_fails_at_once_with_needed_size():
         mem.MemoryBudget.create("10MiB", verbose=False)
 
 
-def test_plan_kv_blocks_arithmetic_and_minimum():
-    b = mem.MemoryBudget(total=1000 * 2**20, baseline=200 * 2**20, workspace=100 * 2**20, margin=50 * 2**20)
-    # left = 1000 - 600 (resident) - 100 - 50 = 250 MiB -> 250 blocks of 1 MiB
-    assert b.plan_kv_blocks(600 * 2**20, 2**20, 16) == 250
-    assert b.kv_pool == 250 * 2**20
-    with pytest.raises(OutOfBudgetError, match="--memory-budget"):
-        b.plan_kv_blocks(845 * 2**20, 2**20, 16)      # 5 MiB left: fewer than 256 tokens
-
-
 def test_default_budget_is_a_fraction_of_available_ram():
     b = mem.MemoryBudget.create(None, verbose=False)
     assert b.defaulted and b.total <= mem.available_ram()

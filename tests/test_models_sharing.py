@@ -1,24 +1,20 @@
 """Per-depth extras for shared layers (`ModelConfig.depth_norms / depth_gates`):
 they build, reduce exactly to the plain shared model at their initial values, round-trip through a
 checkpoint, and the paged engine generates the reference path's greedy tokens."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import engine_fakes as ef  # noqa: E402
-import helpers  # noqa: E402
-from engine_fakes import one_torch_thread  # noqa: E402,F401  (autouse)
+import engine_fakes as ef
+import helpers
 
-from memlm import LLM, SamplingParams  # noqa: E402
-from memlm.errors import MemlmError  # noqa: E402
-from memlm.models import Transformer  # noqa: E402
-from memlm.models.blocks import DepthNorm, RMSNorm  # noqa: E402
-from memlm.training.checkpoint import is_llama_shaped, load_model_dir, save_model  # noqa: E402
-from memlm.training.students import count_parameters, init_weights, parse_student  # noqa: E402
-from memlm.training.trainer import param_groups  # noqa: E402
+from memlm import LLM, SamplingParams
+from memlm.errors import MemlmError
+from memlm.models import Transformer
+from memlm.models.blocks import DepthNorm, RMSNorm
+from memlm.training.checkpoint import is_llama_shaped, load_model_dir, save_model
+from memlm.training.students import count_parameters, init_weights, parse_student
+from memlm.training.trainer import param_groups
 
 BASE = "layers=4,share=all,hidden=32,heads=2,kv_heads=1,ffn=64"
 VOCAB = helpers.VOCAB          # the test tokenizer's, so a saved student loads by path

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import greedy_memlm, greedy_reference, one_torch_thread  # noqa: F401 (autouse)
+from helpers import greedy_memlm, greedy_reference
 from memlm.loading import DEFAULT_MODEL, IncrementalDetokenizer, load_model
 from memlm.models.registry import resolve_preset
 

@@ -5,6 +5,9 @@ strings / max_tokens). Multi-byte UTF-8 split across tokens is handled by the to
 `IncrementalDetokenizer`; stop strings that span tokens are found by searching the text tail,
 and text that could still become the start of a stop string is held back from streams.
 Does not know: tensors, batching or memory; it sees token ids and a tokenizer's `decode`.
+It lives in engine/ because the engine's `Request` finishes sequences with it; the front ends'
+output processing (`memlm.entrypoints.processing.RequestStream`) only reads it, so imports
+stay one-way (entrypoints -> engine).
 """
 from __future__ import annotations
 

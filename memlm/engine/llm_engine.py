@@ -1,54 +1,32 @@
 """The paged engine: step() = schedule -> run -> update, plus start-up sizing and metrics.
 
-Owns: wiring (budget -> KV block count -> BlockPool + KVStore; Scheduler; ModelRunner), the
+Owns: wiring (budget -> KV block count -> KVCacheManager + KVStore; Scheduler; ModelRunner), the
 warm-up profile that measures the step workspace, request bookkeeping (add / abort / which
 requests changed), and `EngineMetrics`.
-Does not know: tensor code (runner, kv_store) or scheduling policy (scheduler).
+Does not know: tensor code (runner, kv.store), block bookkeeping (kv.manager) or scheduling
+policy (scheduler).
 """
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from memlm import dtypes
+from memlm.engine.config import EngineConfig
 from memlm.engine.request import Request
 from memlm.engine.runner import ModelRunner
 from memlm.engine.scheduler import Scheduler, SchedulerConfig
 from memlm.memory import budget as mem
-from memlm.memory import paged_attention
-from memlm.memory.block_pool import BlockPool
-from memlm.memory.kv_store import KVStore
+from memlm.memory.plan import MemoryPlan, StepProfile, plan_memory
+from memlm.kernels import attention as paged_attention
+from memlm.kv.manager import KVCacheManager
+from memlm.kv.store import KVStore
 
-KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "int8": torch.int8}
 TRIM_EVERY_STEPS = 32
-TRIM_ROOM = 0.5          # see _trim_above in LLMEngine.__init__
 GPU_KV_FRACTION = 0.5   # of free GPU memory for the KV pool when running on CUDA
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Engine knobs. `num_kv_blocks` overrides the budget's choice (tests, experiments)."""
-
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    kv_dtype: str = "auto"              # "auto": fp16 on CPU with the native decode kernel, else fp32
-    num_kv_blocks: int | None = None
-    max_model_len: int = 2048
-    gather_cap_tokens: int = 32768
-    admission_headroom: int = 64        # tokens of growth kept free per running sequence (0: none)
-
-    def __post_init__(self):
-        if self.kv_dtype not in KV_DTYPES and self.kv_dtype != "auto":
-            raise ValueError(f"kv_dtype must be 'auto' or one of {sorted(KV_DTYPES)}, got {self.kv_dtype!r}")
-        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
-        if self.admission_headroom < 0:
-            raise ValueError(f"admission_headroom must be >= 0, got {self.admission_headroom}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
 
 
 @dataclass
@@ -94,8 +72,8 @@ class LLMEngine:
         cfg = model.cfg
         max_len = min(config.max_model_len, cfg.max_position_embeddings)
         self.runner = ModelRunner(model, self.device, config.block_size, config.gather_cap_tokens)
-        if config.kv_dtype != "auto":
-            kv_dtype = KV_DTYPES[config.kv_dtype]
+        if config.kv_dtype != dtypes.AUTO:
+            kv_dtype = dtypes.to_torch(config.kv_dtype)
         elif self.device.type == "cpu" and paged_attention.available():
             # Decode attention is memory-bound: fp16 K/V halve both the pool and the bytes read,
             # and the native kernel widens them to fp32 on load (attention error ~1e-4).
@@ -106,64 +84,67 @@ class LLMEngine:
         def block_bytes(dtype):
             return KVStore.bytes_per_block(len(cfg.attention_depths), config.block_size,
                                            cfg.num_kv_heads, cfg.head_dim, dtype)
-        num_blocks = config.num_kv_blocks
-        if budget is not None and self.device.type == "cpu":
-            budget.weights = getattr(model, "weight_bytes", lambda: 0)()
-            self._profile(budget, max_len, kv_dtype)
-            resident = mem.current_rss()
-            planned = budget.plan_kv_blocks(resident, block_bytes(kv_dtype), config.block_size)
-            # Never more than every sequence at full length can use: a big default budget
-            # should not turn into gigabytes of zeroed KV pages nobody can reach.
-            usable = config.max_num_seqs * -(-max_len // config.block_size)
-            num_blocks = min(num_blocks or planned, planned, usable)
-        if num_blocks is None and self.device.type == "cuda":   # GPU memory is not in the RSS budget
-            free, _ = torch.cuda.mem_get_info(self.device)
-            num_blocks = int(free * GPU_KV_FRACTION) // block_bytes(kv_dtype)
-        if num_blocks is None:   # no budget: room for every sequence at up to 1024 tokens
-            num_blocks = config.max_num_seqs * -(-min(max_len, 1024) // config.block_size)
-        num_blocks = max(1, num_blocks)
         self.kv_dtype = kv_dtype
-        if budget is not None:
-            budget.kv_pool = num_blocks * block_bytes(kv_dtype)
-        self.pool = BlockPool(num_blocks, config.block_size)
+        self.plan = self._plan(budget, max_len, block_bytes(kv_dtype))
+        num_blocks = self.plan.num_blocks
+        self.kv = KVCacheManager(num_blocks, config.block_size)
         self.runner.store = KVStore(cfg.attention_depths, num_blocks, config.block_size,
                                     cfg.num_kv_heads, cfg.head_dim, kv_dtype, self.device)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    max_len, admission_headroom=config.admission_headroom),
-                                   self.pool, can_share_blocks="recurrent" not in cfg.mixers)
+                                   self.kv, can_share_blocks="recurrent" not in cfg.mixers)
         if verbose and budget is not None:
             print(f"memlm: memory plan\n{self.describe_plan()}", file=sys.stderr, flush=True)
-        # The heap keeps freed activations for the next step (budget.pin_malloc_thresholds). Across
-        # steps of varying shapes it can hold more than the two profiled steps did, so once RSS
-        # between steps leaves less than TRIM_ROOM of the workspace plus the margin, trim it.
-        self._trim_above = (None if budget is None or self.device.type != "cpu" else
-                            budget.total - budget.margin - int(budget.workspace * TRIM_ROOM))
+        # The heap keeps freed activations for the next step; trim it when RSS nears the budget.
+        self._trim_above = self.plan.trim_above if self.device.type == "cpu" else None
         self.requests: dict[str, Request] = {}
         self._arrivals = 0
+        self._seq_ids = itertools.count()      # sequence ids are unique per engine
         self._stats = dict(prefill_tokens=0, decode_tokens=0, prefill_seconds=0.0,
                            decode_seconds=0.0, steps=0, frag_sum=0.0, frag_steps=0,
                            decode_steps=0, decode_step_tokens=0)
 
-    def _profile(self, budget: mem.MemoryBudget, max_len: int, kv_dtype) -> None:
-        """Measure the peak of the largest step (vLLM's warm-up profile) and the slack it leaves."""
+    def _plan(self, budget: mem.MemoryBudget | None, max_len: int, block_bytes: int) -> MemoryPlan:
+        """Size the KV pool: from the budget and a measured profile on CPU, else a fixed share."""
+        config, kv_name = self.config, dtypes.name_of(self.kv_dtype)
+        # Never more than every sequence at full length can use: a big default budget should not
+        # turn into gigabytes of zeroed KV pages nobody can reach.
+        usable = config.max_num_seqs * -(-max_len // config.block_size)
+        if budget is not None and self.device.type == "cpu":
+            profile = self._profile(max_len)
+            return plan_memory(budget, profile, self.model.weight_bytes(), block_bytes, config.block_size,
+                               kv_name, max_blocks=min(config.num_kv_blocks or usable, usable))
+        num_blocks = config.num_kv_blocks
+        if num_blocks is None and self.device.type == "cuda":   # GPU memory is not in the RSS budget
+            free, _ = torch.cuda.mem_get_info(self.device)
+            num_blocks = int(free * GPU_KV_FRACTION) // block_bytes
+        if num_blocks is None:   # no budget: room for every sequence at up to 1024 tokens
+            num_blocks = config.max_num_seqs * -(-min(max_len, 1024) // config.block_size)
+        return MemoryPlan(block_size=config.block_size, block_bytes=block_bytes,
+                          num_blocks=max(1, num_blocks), kv_dtype=kv_name)
+
+    def _profile(self, max_len: int) -> StepProfile:
+        """Measure the peak of the largest step (vLLM's warm-up profile) and what it leaves."""
         start = mem.current_rss()
         self.runner.warm_up(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         mem.release_free_heap()
         before = mem.current_rss()
-        budget.matmul_state = max(0, before - start)
         mem.reset_peak_rss()
         for _ in range(2):   # the second step runs on the heap the first one left (as all steps do)
-            self.runner.profile(self.config.max_num_batched_tokens, self.config.max_num_seqs, max_len, kv_dtype)
-        budget.workspace = max(0, mem.peak_rss() - before)
+            self.runner.profile(self.config.max_num_batched_tokens, self.config.max_num_seqs, max_len,
+                                self.kv_dtype)
+        peak = mem.peak_rss()
         mem.release_free_heap()
-        # What the step left behind for good (thread pools, BLAS buffers) is not workspace.
-        budget.margin = (mem.MIN_MARGIN + max(0, mem.current_rss() - before)
-                         + int(budget.total * mem.ALLOCATOR_SLACK))
+        after = mem.current_rss()
+        # What the steps left behind for good (thread pools, BLAS buffers) is not workspace.
+        return StepProfile(matmul_state=max(0, before - start), workspace=max(0, peak - before),
+                           left_resident=max(0, after - before), resident_after=after)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         request.arrival = self._arrivals
         self._arrivals += 1
+        request.assign_seq_ids(self._seq_ids)
         self.requests[request.request_id] = request
         self.scheduler.add(request)
 
@@ -211,30 +192,17 @@ class LLMEngine:
             st["decode_step_tokens"] += out.num_decode_tokens
         st["prefill_tokens"] += out.num_prefill_tokens
         st["decode_tokens"] += out.num_decode_tokens
-        if self.pool.num_used_blocks:
-            st["frag_sum"] += self._fragmentation()
+        if self.kv.num_used_blocks:
+            st["frag_sum"] += self.kv.fragmentation(self.scheduler.running)
             st["frag_steps"] += 1
-
-    def _fragmentation(self) -> float:
-        """Allocated-but-unused token slots / allocated slots (shared blocks counted once)."""
-        allocated = self.pool.num_used_blocks * self.pool.block_size
-        if not allocated:
-            return 0.0
-        filled: dict[int, int] = {}
-        bs = self.pool.block_size
-        for seq in self.scheduler.running:
-            for j, b in enumerate(seq.block_table):
-                n = min(bs, max(0, seq.num_computed_tokens - j * bs))
-                filled[b] = max(filled.get(b, 0), n)
-        return 1.0 - sum(filled.values()) / allocated
 
     @property
     def metrics(self) -> EngineMetrics:
         st = self._stats
         return EngineMetrics(
-            num_kv_blocks=self.pool.num_blocks, block_size=self.pool.block_size,
-            kv_blocks_used=self.pool.num_used_blocks, kv_blocks_free=self.pool.num_free_blocks,
-            fragmentation=self._fragmentation(),
+            num_kv_blocks=self.kv.num_blocks, block_size=self.kv.block_size,
+            kv_blocks_used=self.kv.num_used_blocks, kv_blocks_free=self.kv.num_free_blocks,
+            fragmentation=self.kv.fragmentation(self.scheduler.running),
             mean_fragmentation=st["frag_sum"] / st["frag_steps"] if st["frag_steps"] else 0.0,
             num_preemptions=self.scheduler.num_preemptions, num_waiting=self.scheduler.num_waiting,
             num_running=self.scheduler.num_running, prefill_tokens=st["prefill_tokens"],
@@ -243,11 +211,8 @@ class LLMEngine:
             decode_step_tokens=st["decode_step_tokens"])
 
     def describe_plan(self) -> str:
-        """The budget ledger and KV pool size, a few lines."""
-        dtype = str(self.kv_dtype).replace("torch.", "")
-        if self.budget is None:
-            return f"  KV pool: {self.pool.num_blocks} blocks x {self.pool.block_size} tokens ({dtype}), no budget"
-        return self.budget.describe(self.pool.block_size, self.pool.num_blocks) + f" ({dtype})"
+        """The memory plan (budget ledger and KV pool), a few lines."""
+        return self.plan.describe()
 
 
 def format_metrics(m: EngineMetrics) -> str:

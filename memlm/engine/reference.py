@@ -4,9 +4,12 @@ Owns: the simplest obviously-correct generation loop (prefill the whole prompt, 
 per step), the oracle the paged engine is tested against (`LLM(..., engine="reference")`).
 Does not know: paging, budgets or batching. It shares `Request`, the `Sampler` and the
 detokenizer with the paged engine, so both produce identical outputs for greedy requests.
+Implements the `Engine` protocol (`engine/protocol.py`); it has no memory plan, so `LLM`
+refuses a memory budget for it rather than ignore one.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 
 import torch
@@ -28,8 +31,10 @@ class ReferenceEngine:
         self.queue: deque[Request] = deque()
         self._cache: ContiguousCache | None = None
         self._seq: Sequence | None = None
+        self._seq_ids = itertools.count()      # sequence ids are unique per engine
 
     def add_request(self, request: Request) -> None:
+        request.assign_seq_ids(self._seq_ids)
         if len(request.prompt_token_ids) >= self.max_model_len:
             request.fail(f"prompt of {len(request.prompt_token_ids)} tokens does not fit the "
                          f"model's {self.max_model_len}-token context; shorten it")
@@ -46,6 +51,15 @@ class ReferenceEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self.queue)
+
+    @property
+    def metrics(self) -> None:
+        """No KV pool, no batching: nothing to report."""
+        return None
+
+    def describe_plan(self) -> str:
+        return (f"  reference engine: one sequence at a time in a contiguous cache of up to "
+                f"{self.max_model_len} tokens, no memory budget")
 
     @torch.inference_mode()
     def step(self) -> list[Request]:

@@ -1,14 +1,16 @@
 """Requests and their sequences: the state the scheduler and engines move around.
 
 Owns: `Request` (one user prompt with its SamplingParams and n completions), `Sequence`
-(one completion: the unit the scheduler schedules, with its block table and computed-token
-count) and `RequestStatus`. Counts are properties derived from the token lists.
-Does not know: tensors, the block pool's internals, or how tokens are sampled.
+(one completion: the unit the scheduler schedules, with its computed-token count) and
+`RequestStatus`. Counts are properties derived from the token lists. Sequence ids come from the
+engine that accepts the request (`Request.assign_seq_ids`), so they are unique per engine.
+Does not know: tensors, KV blocks (`kv.manager` keeps each sequence's block table), or how
+tokens are sampled.
 """
 from __future__ import annotations
 
 import enum
-import itertools
+from collections.abc import Iterator
 
 from memlm.engine.detokenizer import CompletionState
 from memlm.outputs import RequestOutput
@@ -26,9 +28,6 @@ class RequestStatus(enum.Enum):
         return self is RequestStatus.FINISHED
 
 
-_seq_ids = itertools.count()
-
-
 class Sequence:
     """One completion of a request.
 
@@ -39,14 +38,12 @@ class Sequence:
     """
 
     def __init__(self, request: "Request", index: int, seed: int | None, device="cpu"):
-        self.seq_id = next(_seq_ids)
+        self.seq_id: int | None = None          # set by the engine (Request.assign_seq_ids)
         self.request = request
         self.index = index
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
-        self.block_table: list[int] = []
         self.status = RequestStatus.WAITING
-        self.num_preemptions = 0
         self.generator = make_generator(None if seed is None else seed + 1_000_003 * index, device)
         self.completion = CompletionState(index, request.tokenizer, request.params,
                                           request.eos_token_ids, request.prompt_token_ids)
@@ -71,11 +68,6 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def is_prefill(self) -> bool:
-        """True until the prompt (and any recomputed output) is in the KV cache."""
-        return self.num_uncomputed_tokens > 1
 
     @property
     def finished(self) -> bool:
@@ -112,6 +104,12 @@ class Request:
         self.prompt_logprobs: list[dict[int, float] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.sequences = [Sequence(self, i, params.seed, device) for i in range(params.n)]
+
+    def assign_seq_ids(self, ids: Iterator[int]) -> None:
+        """Number the completions from the accepting engine's counter (`next(ids)` each), so ids
+        are unique within that engine and never shared between engines in one process."""
+        for s in self.sequences:
+            s.seq_id = next(ids)
 
     @property
     def finished(self) -> bool:

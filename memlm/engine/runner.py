@@ -4,7 +4,8 @@ Owns: the device, the model, the `KVStore`, per-sequence recurrent state, and bu
 step's flattened batch (decodes first, grouped by context length, then prefill chunks) with
 its slot mapping. Computes logits only for rows that sample (and prompt-logprob rows, in
 small chunks). Returns a typed `RunnerOutput`.
-Does not know: policy — who runs, preemption, finishing; it computes exactly what it is told.
+Does not know: policy — who runs, preemption, finishing — or block bookkeeping (each
+`ScheduledSeq` brings its block table from the `KVCacheManager`); it computes what it is told.
 """
 from __future__ import annotations
 
@@ -13,48 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memlm.engine.config import GATHER_CAP_TOKENS
 from memlm.engine.scheduler import ScheduledSeq, SchedulerOutput
-from memlm.memory.kv_store import DecodeGroup, KVStore, PagedBatch, PagedView, PrefillSegment
+from memlm.kv.store import DecodeGroup, KVStore, PagedBatch, PagedView, PrefillSegment
 from memlm.sampling import SampleRow, Sampler, top_logprobs
 
 LOGPROB_CHUNK = 64   # prompt-logprob rows per logits call: bounds the (rows, vocab) workspace
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration, IndexError):
-        return set()
-
-
-def bf16_matmul_is_fast(device: torch.device) -> bool:
-    """True when bf16 matmuls beat fp32 by 2x here (CPUs with AMX, all GPUs).
-
-    AMX (`amx_bf16` in /proc/cpuinfo) decides at once: bf16 matmuls measured 3-7x faster than
-    fp32 there. Without AMX or AVX512-BF16 bf16 matmul on CPU is ~100x slower: no. In between
-    (AVX512-BF16 only) a timing decides, best of 5 -- a single timing flipped under load.
-    """
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    flags = _cpu_flags()
-    if "amx_bf16" in flags:
-        return True
-    if "avx512_bf16" not in flags:
-        return False
-    x32, w32 = torch.randn(256, 1024), torch.randn(1024, 1024)
-    x16, w16 = x32.bfloat16(), w32.bfloat16()
-
-    def best(x, w):
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            times.append(time.perf_counter() - t)
-        return min(times)
-    return best(x16, w16) * 2 < best(x32, w32)
 
 
 @dataclass
@@ -71,7 +36,8 @@ class RunnerOutput:
 class ModelRunner:
     """Runs steps over a `KVStore`; `profile()` can run before the store exists."""
 
-    def __init__(self, model, device: torch.device, block_size: int, gather_cap_tokens: int = 16384):
+    def __init__(self, model, device: torch.device, block_size: int,
+                 gather_cap_tokens: int = GATHER_CAP_TOKENS):
         self.model = model
         self.store: KVStore | None = None
         self.device = device
@@ -173,10 +139,9 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self, num_tokens: int, num_seqs: int) -> None:
         """Create every bf16 matmul shape the engine will use (oneDNN keeps per-shape state that
-        stays resident; see `weights.row_bucket`), so it is measured as resident, not workspace."""
-        from memlm.memory.weights import warm_up
+        stays resident; see `linear.bf16.row_bucket`), so it is measured as resident, not workspace."""
         if self.device.type == "cpu":
-            warm_up(self.model, max(num_tokens, num_seqs))
+            self.model.warm_up(max(num_tokens, num_seqs))
 
     @torch.inference_mode()
     def profile(self, num_tokens: int, num_seqs: int, max_model_len: int, kv_dtype) -> None:

@@ -6,25 +6,29 @@ their next `admission_headroom` tokens plus the newcomer's whole prompt and head
 newcomer needs only its first chunk), chunked prefill mixed with decodes, preemption by
 recompute when blocks run out (newest sequence first, so the oldest always progresses: no
 starvation), n > 1 forks sharing the prompt's full blocks, and finishing (freeing blocks).
-Returns typed `SchedulerOutput`s.
-Does not know: tensors, the model, or text (sequences finish by their `CompletionState`).
+Returns typed `SchedulerOutput`s, which carry each scheduled sequence's block table.
+Does not know: which blocks a sequence holds (it asks the `KVCacheManager`, which alone allocates,
+shares and frees them), tensors, the model, or text (sequences finish by their `CompletionState`).
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
+from memlm.engine import config as defaults
 from memlm.engine.request import Request, RequestStatus, Sequence
-from memlm.memory.block_pool import BlockPool
+from memlm.kv.manager import KVCacheManager
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64               # sequences holding KV at once
-    max_num_batched_tokens: int = 2048   # tokens per step (prefill chunks + decodes)
-    max_model_len: int = 2048            # positions per sequence
-    share_prompt_blocks: bool = True     # n > 1 forks share the prompt's full blocks
-    admission_headroom: int = 64         # tokens of growth kept free for each running sequence
+    """Scheduling knobs; the defaults are `engine/config.py`'s (the engine passes its own)."""
+
+    max_num_seqs: int = defaults.MAX_NUM_SEQS                      # sequences holding KV at once
+    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS  # tokens per step
+    max_model_len: int = defaults.MAX_MODEL_LEN                    # positions per sequence
+    share_prompt_blocks: bool = True                               # n > 1 forks share prompt blocks
+    admission_headroom: int = defaults.ADMISSION_HEADROOM          # growth kept free per running seq
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -72,9 +76,9 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool, can_share_blocks: bool = True):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, can_share_blocks: bool = True):
         self.config = config
-        self.pool = pool
+        self.kv = kv
         self.can_share = can_share_blocks and config.share_prompt_blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -101,8 +105,8 @@ class Scheduler:
             request.fail(f"prompt of {P} tokens does not fit the model's {self.config.max_model_len}-"
                          "token context; shorten it")
             return
-        if self.pool.blocks_for(P + 1) > self.pool.num_blocks:
-            request.fail(f"prompt of {P} tokens can never fit the KV pool of {self.pool.capacity_tokens} "
+        if self.kv.blocks_for(P + 1) > self.kv.num_blocks:
+            request.fail(f"prompt of {P} tokens can never fit the KV pool of {self.kv.capacity_tokens} "
                          "tokens; shorten it or raise --memory-budget")
             return
         first, *rest = request.sequences
@@ -143,9 +147,8 @@ class Scheduler:
             # Beside others, the whole rest of the prompt (and its headroom) must fit, not just
             # this chunk: a long prompt admitted on its first chunk is the newest sequence, so it
             # would preempt itself on a later chunk and redo that chunk over and over.
-            need = (self._growth(seq) if self.running else
-                    self.pool.blocks_for(seq.num_computed_tokens + n) - len(seq.block_table))
-            if self.pool.num_free_blocks - need < headroom or not self._grow(seq, n):
+            need = self._growth(seq) if self.running else self.kv.num_blocks_needed(seq, n)
+            if self.kv.num_free_blocks - need < headroom or not self.kv.allocate_slots(seq, n):
                 break
             self.waiting.popleft()
             seq.status = RequestStatus.RUNNING
@@ -164,7 +167,7 @@ class Scheduler:
         max_tokens = seq.request.params.max_tokens
         if max_tokens is not None:
             h = max(0, min(h, max_tokens - seq.num_output_tokens))
-        return max(0, self.pool.blocks_for(seq.num_tokens + h) - len(seq.block_table))
+        return self.kv.num_blocks_needed(seq, seq.num_uncomputed_tokens + h)
 
     def _headroom(self) -> int:
         """Free blocks that admission leaves to the running sequences' near-term growth, so that
@@ -177,7 +180,7 @@ class Scheduler:
         Returns False when `seq` itself had to go (preempted, or finished "length" when it is
         alone and the whole pool is still too small for it).
         """
-        while not self._grow(seq, n):
+        while not self.kv.allocate_slots(seq, n):
             victim = self.running[-1]
             if victim is seq and len(self.running) == 1:
                 seq.completion.finish("length")      # the pool is this sequence's context limit
@@ -199,27 +202,15 @@ class Scheduler:
 
     def _slice(self, seq: Sequence, n: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
-        return ScheduledSeq(seq, start, n, seq.token_ids_slice(start, start + n), list(seq.block_table))
-
-    def _grow(self, seq: Sequence, n: int) -> bool:
-        """Give `seq` blocks for `n` more tokens; False (nothing taken) if too few are free."""
-        need = self.pool.blocks_for(seq.num_computed_tokens + n) - len(seq.block_table)
-        if need <= 0:
-            return True
-        blocks = self.pool.allocate(need)
-        if blocks is None:
-            return False
-        seq.block_table.extend(blocks)
-        return True
+        return ScheduledSeq(seq, start, n, seq.token_ids_slice(start, start + n),
+                            self.kv.block_table(seq))
 
     def _preempt(self, seq: Sequence) -> None:
         """Drop the sequence's KV; it recomputes prompt + output when readmitted (first in line)."""
         self.running.remove(seq)
-        self.pool.free(seq.block_table)
-        seq.block_table = []
+        self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.status = RequestStatus.PREEMPTED
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self._freed.append(seq.seq_id)
         self._enqueue(seq)
@@ -237,9 +228,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        if seq.block_table:
-            self.pool.free(seq.block_table)
-            seq.block_table = []
+        self.kv.free(seq)
         seq.status = RequestStatus.FINISHED
         self._freed.append(seq.seq_id)
 
@@ -274,11 +263,9 @@ class Scheduler:
         which each recomputes (at most block_size tokens) to get its own first-token logits.
         """
         siblings = self.forks.pop(parent.seq_id)
-        P, bs = parent.num_prompt_tokens, self.pool.block_size
-        shared = (P - 1) // bs if self.can_share else 0
+        reusable = parent.num_prompt_tokens - 1 if self.can_share else 0
         for c in siblings:
-            c.block_table = self.pool.share(parent.block_table[:shared])
-            c.num_computed_tokens = shared * bs
+            c.num_computed_tokens = self.kv.fork(parent, c, reusable)
             c.status = RequestStatus.WAITING
             self._enqueue(c)
 

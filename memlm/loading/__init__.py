@@ -1,20 +1,25 @@
 """Loading models: one entry point, `load_model`, over GGUF files, Hugging Face directories,
 memlm checkpoints and named presets.
 
-Owns: deciding which loader a name or path goes to. Does not know: file formats (`gguf.py`,
-`hf.py`), tokenizers (`tokenizer.py`), or where presets live (`memlm.models.registry`).
+Owns: deciding which loader a name or path goes to, and handing the loaded model to the
+linear method asked for. Does not know: file formats (`gguf.py`, `hf.py`), tokenizers
+(`tokenizer.py`), where presets live (`memlm.models.registry`), or weight formats
+(`memlm.models.linear`).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
+from memlm import dtypes
 from memlm.errors import ModelLoadError
 from memlm.loading.base import LoadedModel
 from memlm.loading.gguf import load_gguf
 from memlm.loading.hf import PICKLE_SUFFIXES, load_hf_dir, refuse_pickle
 from memlm.loading.tokenizer import IncrementalDetokenizer, Tokenizer
+from memlm.models.linear import DEFAULT_WEIGHT_DTYPE, available_weight_dtypes, set_weight_dtype
 from memlm.models.registry import DEFAULT_MODEL, is_preset, known_names, resolve_preset
 
 __all__ = ["DEFAULT_MODEL", "IncrementalDetokenizer", "LoadedModel", "Tokenizer", "estimate_load_bytes",
@@ -62,18 +67,35 @@ def estimate_load_bytes(name_or_path: str | Path, dtype=torch.float32) -> tuple[
     return sum(sizes) * elem, max(sizes) * elem
 
 
-def load_model(name_or_path: str | Path = DEFAULT_MODEL, device="cpu", dtype=torch.float32) -> LoadedModel:
+def load_model(name_or_path: str | Path = DEFAULT_MODEL, weight_dtype=DEFAULT_WEIGHT_DTYPE,
+               device=None) -> LoadedModel:
     """Load a preset name ("smollm2-135m-instruct"), a .gguf file, or a model directory.
 
+    Args:
+        weight_dtype: the linear method of the model ("fp32", "bf16"; aliases such as
+            "bfloat16" accepted). Weights are read as fp32 and then converted layer by layer.
+        device: where the weights are loaded and the model will run (None: CPU); the bf16
+            method prepacks for the CPU only.
     Raises:
         ModelLoadError (or UnsupportedModelError): with a one-line message saying what to do.
+        ValueError: a weight dtype memlm has no linear method for.
     """
+    name = dtypes.parse(weight_dtype, allowed=available_weight_dtypes(), what="weight dtype")
+    device = torch.device(device if device is not None else "cpu")
+    loaded = _load_fp32(name_or_path, device)             # fp32 first: norms and biases stay exact
+    if name == DEFAULT_WEIGHT_DTYPE:
+        return loaded
+    set_weight_dtype(loaded.model, name, device)
+    return dataclasses.replace(loaded, weight_bytes=loaded.model.weight_bytes())
+
+
+def _load_fp32(name_or_path: str | Path, device: torch.device) -> LoadedModel:
     text = str(name_or_path)
     path = _resolve(text)
     if path.is_dir():
-        return load_hf_dir(path, device=device, dtype=dtype)
+        return load_hf_dir(path, device=device)
     if path.suffix == ".gguf" or (path.is_file() and path.suffix not in PICKLE_SUFFIXES):
-        return load_gguf(path, device=device, dtype=dtype)
+        return load_gguf(path, device=device)
     if path.suffix in PICKLE_SUFFIXES:
         if path.is_file():
             refuse_pickle(path)

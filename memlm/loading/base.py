@@ -1,17 +1,15 @@
 """What every loader returns, and the tensor-by-tensor copy that keeps loading memory flat.
 
 Owns: `LoadedModel` and `WeightSink`, which builds a `Transformer` with uninitialised storage
-(no random init, no second copy of the weights, no meta device) and fills it one named tensor at a time,
-checking shapes and that nothing was left unfilled.
+(`init_weights=False`: no random init, no second copy of the weights, no meta device) and fills
+it one named tensor at a time, checking shapes and that nothing was left unfilled.
 Does not know: file formats or name mappings (`gguf.py`, `hf.py` translate names to memlm's).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from memlm.config import ModelConfig
 from memlm.errors import ModelLoadError
@@ -50,19 +48,6 @@ def release_free_heap() -> None:
 _LIBC = None
 
 
-@contextlib.contextmanager
-def _no_init():
-    """Skip the random init of Linear and Embedding weights (every one is overwritten)."""
-    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
-    try:
-        for cls in saved:
-            cls.reset_parameters = lambda self: None
-        yield
-    finally:
-        for cls, fn in saved.items():
-            cls.reset_parameters = fn
-
-
 class WeightSink:
     """A model whose parameters are filled in one tensor at a time.
 
@@ -75,8 +60,7 @@ class WeightSink:
 
     def __init__(self, cfg: ModelConfig, *, device="cpu", dtype=torch.float32, source: str = ""):
         self.source = source
-        with _no_init():
-            model = Transformer(cfg)
+        model = Transformer(cfg, init_weights=False)
         for p in model.parameters():
             p.data = torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device=device)
         self.model = model

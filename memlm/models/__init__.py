@@ -1,4 +1,5 @@
-"""Model definitions: blocks, the decoder, the KV interface, and named presets."""
+"""Model definitions: blocks, the decoder, linear methods (weight formats), the KV interface,
+and named presets."""
 from memlm.models.transformer import Transformer
 
 __all__ = ["Transformer"]

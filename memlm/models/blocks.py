@@ -1,8 +1,11 @@
-"""Layer building blocks: norms, rotary embeddings, attention (MHA/GQA), MLPs, a recurrent
-mixer, and the decoder layer that composes a mixer with an MLP.
+"""Layer building blocks: norms, rotary embeddings, attention (MHA/GQA), MLPs, and the decoder
+layer that composes a mixer (attention, or `recurrent.py`'s) with an MLP.
 
-Owns: the math of one layer. Does not know: where K/V live (it calls `kv.attend`), how
-weights were loaded, or which layers share parameters (that is `transformer.py`).
+Owns: the math of one layer, which projections share an input (q/k/v, gate/up: fused into one
+matmul when the linear method can) and the decoder layer's two paths, plain and fused.
+Does not know: where K/V live (it calls `kv.attend`), how weights are stored or multiplied
+(each projection is a `memlm.models.linear.Linear` run by its method), or which layers share
+parameters (that is `transformer.py`).
 Parameter names here are memlm's checkpoint names; loaders map other formats onto them.
 """
 from __future__ import annotations
@@ -12,6 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memlm.config import ModelConfig
+from memlm.kernels import fused_ops
+from memlm.models.linear import Linear, LinearMethod, default_method
+from memlm.models.recurrent import RecurrentMixer
 
 
 class RMSNorm(nn.Module):
@@ -80,18 +86,27 @@ class Rotary:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, method: LinearMethod | None = None, init: bool = True):
         super().__init__()
+        method = method or default_method()
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         H = cfg.hidden_size
-        self.q_proj = nn.Linear(H, self.n_heads * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(H, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(H, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, H, bias=cfg.o_bias)
+        self.q_proj = Linear(H, self.n_heads * self.hd, cfg.qkv_bias, method, init)
+        self.k_proj = Linear(H, self.n_kv * self.hd, cfg.qkv_bias, method, init)
+        self.v_proj = Linear(H, self.n_kv * self.hd, cfg.qkv_bias, method, init)
+        self.o_proj = Linear(self.n_heads * self.hd, H, cfg.o_bias, method, init)
         self.use_rope = cfg.position == "rope"
-        # Set by a weight codec (memory/weights.py) that fuses q/k/v into one matmul whose
-        # output columns are [q | k | v]; the separate projections are then gone.
-        self.qkv_proj: nn.Module | None = None
+        # One matmul whose output columns are [q | k | v], made by `process_weights` when the
+        # linear method fuses; the separate projections are then gone.
+        self.qkv_proj: Linear | None = None
+
+    def process_weights(self, method: LinearMethod) -> None:
+        """After loading: fuse q/k/v into `qkv_proj` if `method` can (`DecoderLayer.process_weights`
+        converts the projections left)."""
+        fused = method.fuse([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, depth: int, kv, rope: tuple | None):
         N = x.shape[0]
@@ -110,60 +125,33 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(N, self.n_heads * self.hd))
 
 
-class RecurrentMixer(nn.Module):
-    """A gated linear recurrence (minGRU-style) with a fixed-size state per sequence.
-
-        a_t = sigmoid(W_a x_t)           forget gate, per channel
-        h_t = a_t * h_{t-1} + (1 - a_t) * W_x x_t
-        y_t = W_o (h_t * silu(W_g x_t))
-
-    The state is one vector of `hidden_size` per sequence regardless of length, so a
-    recurrent layer needs no KV cache.
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        H = cfg.hidden_size
-        self.in_proj = nn.Linear(H, 3 * H, bias=True)   # -> gate logits, candidate, output gate
-        self.out_proj = nn.Linear(H, H, bias=False)
-
-    def scan(self, x: torch.Tensor, state: torch.Tensor | None):
-        """x (B, T, H), state (B, H) or None -> y (B, T, H), final state (B, H)."""
-        B, T, H = x.shape
-        a_logit, cand, gate = self.in_proj(x).chunk(3, dim=-1)
-        a = torch.sigmoid(a_logit)
-        b = (1 - a) * cand                                  # (B, T, H)
-        h = x.new_zeros(B, H) if state is None else state
-        # Chunked parallel form: inside a chunk h_t = P_t * (h0 + cumsum(b_s / P_s)) with
-        # P_t = prod a; chunks of 16 keep 1/P_s well inside fp32 range (a >= sigmoid(-inf)
-        # is clamped).
-        log_a = torch.log(a.clamp_min(1e-4))
-        outs = []
-        for s in range(0, T, 16):
-            la = log_a[:, s:s + 16].cumsum(dim=1)           # (B, c, H)
-            P = la.exp()
-            hs = P * (h[:, None, :] + (b[:, s:s + 16] * (-la).exp()).cumsum(dim=1))
-            outs.append(hs)
-            h = hs[:, -1]
-        hseq = torch.cat(outs, dim=1)
-        y = self.out_proj(hseq * F.silu(gate))
-        return y, h
-
-    def forward(self, x, depth: int, kv, rope=None):
-        return kv.recurrent(depth, x, self)
-
-
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, method: LinearMethod | None = None, init: bool = True):
         super().__init__()
+        method = method or default_method()
         H, I = cfg.hidden_size, cfg.intermediate_size
         self.gated = cfg.mlp == "swiglu"
         if self.gated:
-            self.gate_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(I, H, bias=cfg.mlp_bias)
+            self.gate_proj = Linear(H, I, cfg.mlp_bias, method, init)
+        self.up_proj = Linear(H, I, cfg.mlp_bias, method, init)
+        self.down_proj = Linear(I, H, cfg.mlp_bias, method, init)
+        self.activation = cfg.activation
         self.act = activation(cfg.activation)
-        self.gate_up_proj: nn.Module | None = None   # fused [gate | up], set by a weight codec
+        self.gate_up_proj: Linear | None = None   # fused [gate | up], made by `process_weights`
+        self.act_in_up_proj = False               # the activation runs inside up_proj's matmul
+
+    def process_weights(self, method: LinearMethod) -> None:
+        """After loading: fuse gate/up if `method` can; an ungated MLP's inner activation runs in
+        the method's inner dtype, inside the up projection's matmul where the method can."""
+        if self.gated:
+            fused = method.fuse([self.gate_proj, self.up_proj])
+            if fused is not None:
+                self.gate_up_proj = fused
+                del self.gate_proj, self.up_proj
+        else:
+            self.up_proj.process(method)
+            self.up_proj.set_out_dtype(method.inner_dtype)
+            self.act_in_up_proj = method.fuse_activation(self.up_proj, self.activation)
 
     def forward(self, x):
         if self.gate_up_proj is not None:
@@ -171,7 +159,8 @@ class MLP(nn.Module):
             return self.down_proj(self.act(gate) * up)
         if self.gated:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act(self.up_proj(x)))
+        h = self.up_proj(x)
+        return self.down_proj(h if self.act_in_up_proj else self.act(h))
 
 
 MIXER_REGISTRY = {"attention": Attention, "recurrent": RecurrentMixer}
@@ -190,10 +179,16 @@ class DecoderLayer(nn.Module):
 
     With either option the norms are `DepthNorm`s (so the engine never fuses the layer); without
     both the layer holds plain `RMSNorm`s and runs the unchanged pre-norm forward.
+
+    Two paths, chosen once by `process_weights` (`self.fused`): the plain forward above, or
+    `_forward_fused` — the same math for an RMSNorm / attention / SwiGLU layer whose linear
+    method fuses layers (bf16): norms, RoPE and SwiGLU in single bf16 passes (`fused_ops`).
     """
 
-    def __init__(self, cfg: ModelConfig, mixer: str, depths: tuple[int, ...] = (0,)):
+    def __init__(self, cfg: ModelConfig, mixer: str, depths: tuple[int, ...] = (0,),
+                 method: LinearMethod | None = None, init: bool = True):
         super().__init__()
+        method = method or default_method()
         self.mixer_kind = mixer
         self.per_depth = cfg.depth_norms or cfg.depth_gates
         self.slots = {d: s for s, d in enumerate(depths)}   # depth -> slot of per-depth params
@@ -202,11 +197,12 @@ class DecoderLayer(nn.Module):
         n = len(depths) if cfg.depth_norms else 1
         norm = (lambda: DepthNorm(cfg.hidden_size, cfg.norm_eps, n)) if self.per_depth else (lambda: make_norm(cfg))
         self.attn_norm = norm()
-        self.attn = MIXER_REGISTRY[mixer](cfg)
+        self.attn = MIXER_REGISTRY[mixer](cfg, method, init)
         self.has_mlp = cfg.mlp != "none"
         if self.has_mlp:
             self.mlp_norm = norm()
-            self.mlp = MLP(cfg)
+            self.mlp = MLP(cfg, method, init)
+        self.fused = False                       # forward takes `_forward_fused`
         if cfg.depth_gates:
             self.attn_gate = nn.Parameter(torch.ones(len(depths)))   # (slots,)
             if self.has_mlp:
@@ -222,7 +218,25 @@ class DecoderLayer(nn.Module):
             names += ["attn_gate", "mlp_gate"] if self.has_mlp else ["attn_gate"]
         return names
 
+    def process_weights(self, method: LinearMethod) -> None:
+        """After loading: fuse and convert every projection to `method`, then pick the path."""
+        self.attn.process_weights(method)
+        if self.has_mlp:
+            self.mlp.process_weights(method)
+        for mod in self.modules():
+            if isinstance(mod, Linear) and mod.method is not method:
+                mod.process(method)
+        self.fused = (method.fused_layers and self.mixer_kind == "attention" and self.has_mlp
+                      and isinstance(self.attn_norm, RMSNorm) and isinstance(self.mlp_norm, RMSNorm)
+                      and self.attn.qkv_proj is not None and self.mlp.gate_up_proj is not None
+                      and self.mlp.activation == "silu")
+        if self.fused:
+            self.attn.o_proj.set_out_dtype(method.inner_dtype)
+            self.mlp.down_proj.set_out_dtype(method.inner_dtype)   # added into the fp32 stream in one pass
+
     def forward(self, x, depth: int, kv, rope):
+        if self.fused:
+            return self._forward_fused(x, depth, kv, rope)
         if self.per_depth:
             return self._forward_per_depth(x, depth, kv, rope)
         x = x + self.attn(self.attn_norm(x), depth, kv, rope)
@@ -239,3 +253,20 @@ class DecoderLayer(nn.Module):
             h = self.mlp(self.mlp_norm(x, n))
             x = x + (self.mlp_gate[s] * h if self.depth_gates else h)
         return x
+
+    def _forward_fused(self, x, depth: int, kv, rope):
+        """`forward` with fused projections: bf16 between the norms and the matmuls, the
+        residual stream fp32 (see `memlm.models.linear.bf16`)."""
+        attn, mlp = self.attn, self.mlp
+        N, nh, nkv, hd = x.shape[0], attn.n_heads, attn.n_kv, attn.hd
+        x = x.contiguous()
+        h = fused_ops.rms_norm_bf16(x, self.attn_norm.weight, self.attn_norm.eps)      # (N, H) bf16
+        qkv = attn.qkv_proj(h)                                                           # (N, (nh+2nkv)hd)
+        if attn.use_rope:
+            cos, sin = rope
+            fused_ops.rope_bf16_(qkv, nh + nkv, hd, cos.view(N, hd), sin.view(N, hd))
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        out = kv.attend(depth, q.view(N, nh, hd), k.view(N, nkv, hd), v.view(N, nkv, hd))  # (N, nh, hd)
+        a = attn.o_proj(out.reshape(N, nh * hd))                                         # bf16
+        x, h = fused_ops.add_rms_norm_bf16(x, a, self.mlp_norm.weight, self.mlp_norm.eps)
+        return x.add_(mlp.down_proj(fused_ops.silu_mul_bf16(mlp.gate_up_proj(h))))     # fp32 += bf16

@@ -4,7 +4,7 @@ Owns: `KVView` (what a model may ask of a cache) and two implementations that ne
 `DenseView` (training / scoring: B sequences of equal length, no cache kept) and
 `ContiguousCache` (the reference generation path: one sequence, K/V kept in one tensor per layer).
 Does not know: block tables, budgets or scheduling — the paged engine supplies its own view
-(`memlm.memory.kv_store`) with the same two methods.
+(`memlm.kv.store`) with the same two methods.
 
 Tokens travel flattened: a step's inputs are N tokens (all sequences concatenated), so
 `q` is (N, n_heads, head_dim) and `k`, `v` are (N, n_kv_heads, head_dim).

@@ -1,7 +1,9 @@
 """The decoder: embeddings, a stack of `DecoderLayer`s run in `cfg.layer_order`, final norm,
 and the LM head (tied to the embeddings or not).
 
-Owns: assembling blocks from a `ModelConfig` and the forward pass over flattened tokens.
+Owns: assembling blocks from a `ModelConfig`, the forward pass over flattened tokens, and
+which linear method (`memlm.models.linear`) holds its weights: chosen when it is built, or
+converted once after loading (`convert_weights`).
 Does not know: paging, batching policy or sampling; it receives a `KVView` and returns hidden
 states, and computes logits only for the rows the caller asks for.
 """
@@ -13,22 +15,37 @@ import torch.nn as nn
 from memlm.config import ModelConfig
 from memlm.models.blocks import DecoderLayer, Rotary, make_norm
 from memlm.models.kv import DenseView
+from memlm.models.linear import Embedding, Linear, LinearMethod, default_method
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Args:
+        cfg: the architecture.
+        linear: the linear method of every projection, embedding and the LM head (None: fp32).
+        init_weights: random init (nn.Linear / nn.Embedding's); False leaves the weights'
+            storage unwritten for a loader to fill.
+    """
+
+    def __init__(self, cfg: ModelConfig, linear: LinearMethod | None = None, init_weights: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        method, init = linear or default_method(), init_weights
+        self.linear_method = method
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size, method, init)
         if cfg.position == "learned":
-            self.pos_embed = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+            self.pos_embed = Embedding(cfg.max_position_embeddings, cfg.hidden_size, method, init)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, m, tuple(d for d, j in enumerate(cfg.layer_order) if j == i))
+            DecoderLayer(cfg, m, tuple(d for d, j in enumerate(cfg.layer_order) if j == i), method, init)
             for i, m in enumerate(cfg.mixers))
         self.final_norm = make_norm(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, method, init)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.position == "rope" else None
+
+    @property
+    def lm_head_module(self) -> Linear | Embedding:
+        """The LM head: its own `Linear`, or the embedding table when tied."""
+        return self.embed if self.cfg.tie_word_embeddings else self.lm_head
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -65,8 +82,37 @@ class Transformer(nn.Module):
         return {f"layers.{i}.{n}" for i, layer in enumerate(self.layers) for n in layer.per_depth_parameter_names()}
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(n, H) -> (n, vocab) fp32 logits. Call only on the rows that need them."""
-        return torch.nn.functional.linear(hidden, self.lm_head_weight)
+        """(n, H) -> (n, vocab) fp32 logits through the LM head's linear method. Call only on
+        the rows that need them."""
+        head = self.lm_head_module
+        return head.method.logits(head, hidden)
+
+    def process_weights_after_loading(self) -> None:
+        """Let the linear method turn the loaded weights into its format (fuse, cast, prepack).
+
+        Layer by layer, each converted weight replacing its fp32 one, so the peak is the model
+        as loaded plus one layer.
+        """
+        method = self.linear_method
+        for layer in self.layers:
+            layer.process_weights(method)
+        for emb in (self.embed, getattr(self, "pos_embed", None)):
+            if emb is not None:
+                emb.process(method)
+        head = self.lm_head_module
+        head.method = method
+        method.process_lm_head(head)
+        method.process_model(self)
+
+    def convert_weights(self, method: LinearMethod) -> None:
+        """Switch a loaded model to `method` (see `memlm.models.linear.set_weight_dtype`)."""
+        self.linear_method = method
+        self.process_weights_after_loading()
+
+    def warm_up(self, max_rows: int) -> None:
+        """Create the linear method's per-shape state for batches of 1..max_rows rows, so a
+        memory profile measures it as resident (bf16: oneDNN's, see `bf16.row_bucket`)."""
+        self.linear_method.warm_up(self, max_rows)
 
     def forward_dense(self, input_ids: torch.Tensor, hidden_states: list | None = None) -> torch.Tensor:
         """Training/scoring convenience: (B, T) ids -> (B, T, H) hidden states, no cache."""
@@ -76,13 +122,15 @@ class Transformer(nn.Module):
         return h.view(B, T, -1)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Weights as counted before any conversion (prepacked ones are not nn.Parameters)."""
+        return sum(p.numel() for p in self.parameters()) + self.linear_method.held_outside_parameters(self)[0]
 
     def weight_bytes(self) -> int:
-        """Bytes of parameters and buffers as held in memory (shared tensors counted once)."""
+        """Bytes of weights as held in memory: parameters and buffers (shared tensors counted
+        once) plus what the linear method holds outside them (prepacked copies)."""
         seen, total = set(), 0
         for t in list(self.parameters()) + list(self.buffers()):
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
-        return total
+        return total + self.linear_method.held_outside_parameters(self)[1]

@@ -2,9 +2,11 @@
 controller (`schedules`), distillation losses (`distill`) and the teacher logit cache
 (`teacher_cache`), the loop and checkpoints (`trainer`, `checkpoint`), students composed from a
 spec and the `--fit` search (`students`), online learning (`online`), perplexity (`evaluate`),
-and the `train` / `distill` / `eval` commands (`cli`, `distill_run`).
+and the runs of the `train` / `distill` / `eval` commands: typed run configs and the steps they
+share (`runs`), and the pipelines that take them (`train_run`, `distill_run`). The command-line
+surface itself is `memlm.entrypoints.cli.train`; nothing here imports `memlm.entrypoints`.
 
-Names resolve lazily so registering the CLI commands does not import torch.
+Names resolve lazily, so `import memlm.training` alone loads no submodule.
 """
 _EXPORTS = {
     "export_hf": "checkpoint", "save_model": "checkpoint",
@@ -19,6 +21,8 @@ _EXPORTS = {
     "STUDENT_PRESETS": "students", "fit_student": "students", "parse_student": "students",
     "OnlineConfig": "online", "OnlineLearner": "online",
     "TrainConfig": "trainer", "Trainer": "trainer",
+    "DistillRun": "runs", "EvalRun": "runs", "OnlineRun": "runs", "TrainRun": "runs",
+    "run_eval": "train_run", "run_online": "train_run", "run_train": "train_run", "run_distill": "distill_run",
 }
 
 __all__ = sorted(_EXPORTS)

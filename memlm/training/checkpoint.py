@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from memlm import dtypes
 from memlm.config import ModelConfig
 from memlm.errors import MemlmError
+
+SAVE_DTYPES = ("fp32", "fp16", "bf16")     # floating-point dtypes a model directory can store
 
 
 def _backend(tokenizer):
@@ -52,13 +55,15 @@ def save_tokenizer(tokenizer, directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
 
 
-def save_model(model, directory: str | Path, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
+def save_model(model, directory: str | Path, tokenizer=None, dtype: str | torch.dtype | None = None) -> Path:
     """Write a model directory `memlm generate --model <dir>` loads.
 
-    dtype: store floating-point weights in this dtype (e.g. torch.bfloat16 halves a shipped
-        student); the loader converts to its compute dtype on load. None keeps them as they are
-        (training checkpoints stay fp32 so a resume is bit-identical).
+    dtype: store floating-point weights in this dtype, one of `SAVE_DTYPES` or an alias (e.g.
+        "bf16" halves a shipped student); the loader converts to its compute dtype on load. None
+        keeps them as they are (training checkpoints stay fp32 so a resume is bit-identical).
     """
+    if dtype is not None:
+        dtype = dtypes.to_torch(dtypes.parse(dtype, allowed=SAVE_DTYPES, what="checkpoint dtype"))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "memlm_config.json").write_text(json.dumps(model.cfg.to_dict(), indent=1))

@@ -27,6 +27,7 @@ import torch
 from memlm.errors import MemlmError
 
 DEFAULT_DATA_DIR = Path(os.path.expanduser("~/.cache/memlm/data"))
+VAL_FRACTION = 0.1          # share of documents held out for validation
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def load_corpus(name: str) -> list[Document]:
     return docs
 
 
-def split_documents(docs: list[Document], val_fraction: float = 0.1) -> tuple[list[Document], list[Document]]:
+def split_documents(docs: list[Document], val_fraction: float = VAL_FRACTION) -> tuple[list[Document], list[Document]]:
     """Deterministic split by document: a document's side depends only on its name's hash.
 
     Ordering by sha1(name) (not by position) keeps the split stable when documents are added.
@@ -171,7 +172,7 @@ class TokenSplits:
 
 
 def prepare_tokens(corpus: str | list[Document], tokenizer, data_dir: str | Path | None = None,
-                   val_fraction: float = 0.1, name: str | None = None) -> TokenSplits:
+                   val_fraction: float = VAL_FRACTION, name: str | None = None) -> TokenSplits:
     """Tokenize a corpus once into memory-mapped train/val files; later calls reuse them.
 
     Args:

@@ -20,6 +20,8 @@ import torch
 
 from memlm.errors import MemlmError
 
+CONTEXT = 512       # tokens of context per scored window
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -32,7 +34,7 @@ class Perplexity:
 
 
 @torch.inference_mode()
-def perplexity(model, ids: list[int] | torch.Tensor, context: int = 512, stride: int | None = None,
+def perplexity(model, ids: list[int] | torch.Tensor, context: int = CONTEXT, stride: int | None = None,
                ) -> Perplexity:
     """Score ids[1:] given their prefixes (each with at most `context` tokens of context).
 

@@ -28,9 +28,13 @@ from memlm.training.evaluate import perplexity
 from memlm.training.schedules import PlateauController
 from memlm.training.trainer import param_groups
 
+CHUNK_CHARS = 4000      # characters per chunk read from the stream
+POLL_S = 0.5            # how often a file at its end is polled for new text
+MAX_WAIT_S = 5.0        # stop after this long without new text
 
-def stream_chunks(source: str, chunk_chars: int = 4000, poll_s: float = 0.5, max_wait_s: float = 5.0,
-                  max_chunks: int | None = None) -> Iterator[str]:
+
+def stream_chunks(source: str, chunk_chars: int = CHUNK_CHARS, poll_s: float = POLL_S,
+                  max_wait_s: float = MAX_WAIT_S, max_chunks: int | None = None) -> Iterator[str]:
     """Yield text chunks of about `chunk_chars` (cut after a newline) from a file or "-" (stdin).
 
     A file is tailed: at its end we poll every `poll_s` and stop after `max_wait_s` without new

@@ -47,6 +47,7 @@ def wsd(step: int, *, lr: float, total: int, warmup: int = 0, decay_fraction: fl
 
 
 SCHEDULES = {"constant": constant, "cosine": cosine, "wsd": wsd}
+SCHEDULE_NAMES = (*SCHEDULES, "adaptive")     # what `make_schedule` accepts (and `--schedule`)
 
 
 @dataclass
@@ -105,7 +106,7 @@ class FixedSchedule:
 
     def __init__(self, name: str, **kwargs):
         if name not in SCHEDULES:
-            raise ValueError(f"unknown schedule {name!r}: use one of {sorted(SCHEDULES) + ['adaptive']}")
+            raise ValueError(f"unknown schedule {name!r}: use one of {list(SCHEDULE_NAMES)}")
         self.name, self.kwargs = name, kwargs
 
     def lr_at(self, step: int) -> float:

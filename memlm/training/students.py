@@ -2,8 +2,9 @@
 
 Owns: turning "layers=6,hidden=256,heads=4,kv_heads=2,mixers=AAR,share=repeat2" or a preset name
 into a `ModelConfig`, and picking the largest preset that fits a memory target.
-Does not know: training or loading; the student is a plain `Transformer(cfg)`, so an
-attention-only student runs in the engine and a recurrent one on the reference path.
+Does not know: training, loading, or bytes per dtype (`memlm.dtypes`); the student is a plain
+`Transformer(cfg)`, so an attention-only student runs in the engine and a recurrent one on the
+reference path.
 
 Spec keys (all optional next to a preset; `preset=` picks the base):
     layers    depth (layers executed per token)        hidden   width
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memlm import dtypes
 from memlm.config import ModelConfig, format_size, parse_size
 from memlm.errors import MemlmError
 
@@ -38,6 +40,8 @@ STUDENT_PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "large":  (16, 512, 8, 4, 1376),
     "xl":     (24, 576, 9, 3, 1536),
 }
+DEFAULT_STUDENT = "tiny"
+STUDENT_POSITIONS = 2048        # position embeddings of a student unless its context needs more
 
 _SPEC_KEYS = {"preset", "layers", "hidden", "heads", "kv_heads", "ffn", "mixers", "share", "mlp", "tie",
               "per_depth"}
@@ -74,7 +78,7 @@ def _sharing(share: str, depth: int) -> tuple[int, tuple[int, ...]]:
     raise MemlmError(f"share={share!r}: use none, all, or repeatN (e.g. repeat2)")
 
 
-def parse_student(spec: str, vocab_size: int, max_position_embeddings: int = 2048,
+def parse_student(spec: str, vocab_size: int, max_position_embeddings: int = STUDENT_POSITIONS,
                   eos_token_ids: tuple[int, ...] = (), bos_token_id: int | None = None) -> ModelConfig:
     """A preset name or a "key=value,..." spec -> ModelConfig with the teacher's vocabulary.
 
@@ -92,7 +96,7 @@ def parse_student(spec: str, vocab_size: int, max_position_embeddings: int = 204
                 raise MemlmError(f"bad student spec item {part!r}: use a preset {sorted(STUDENT_PRESETS)} "
                                  f"or key=value with keys {sorted(_SPEC_KEYS)}")
             fields[key.strip()] = value.strip()
-    preset = fields.get("preset", "tiny")
+    preset = fields.get("preset", DEFAULT_STUDENT)
     if preset not in STUDENT_PRESETS:
         raise MemlmError(f"unknown student preset {preset!r}: use one of {list(STUDENT_PRESETS)}")
     depth, hidden, heads, kv_heads, ffn = STUDENT_PRESETS[preset]
@@ -179,12 +183,14 @@ def count_parameters(cfg: ModelConfig) -> int:
 
 
 FIT_DEPTHS = (2, 4, 6, 8, 10, 12, 16, 20, 24, 30)
+FIT_CONTEXT = 2048                                       # tokens of KV (batch 1) a fit reserves
+FIT_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4")    # weight dtypes a fit can assume
+FIT_WEIGHT_DTYPE = "fp32"
+
+
 def body_parameters(cfg: ModelConfig) -> int:
     """Parameters outside the embedding / LM head."""
     return count_parameters(cfg) - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-
-
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
 
 
 @dataclass(frozen=True)
@@ -199,25 +205,34 @@ class FitChoice:
         return self.weight_bytes + self.kv_bytes
 
 
-def fit_student(target: str | int, vocab_size: int, context: int = 2048, weight_dtype: str = "fp32",
+def parse_weight_dtype(value: str) -> str:
+    """Canonical name of a `--weight-dtype` (one of `FIT_DTYPES` or an alias such as float32)."""
+    try:
+        return dtypes.parse(value, allowed=FIT_DTYPES, what="--weight-dtype")
+    except ValueError as e:
+        raise MemlmError(str(e)) from None
+
+
+def fit_student(target: str | int, vocab_size: int, context: int = FIT_CONTEXT, weight_dtype: str = FIT_WEIGHT_DTYPE,
                 **cfg_kwargs) -> tuple[FitChoice, list[FitChoice]]:
     """The largest student (by non-embedding parameters) of the preset widths x `FIT_DEPTHS` grid whose
     weights + KV for `context` tokens (batch 1) fit.
 
     Returns: (choice, all candidates considered, smallest first).
     Raises:
-        MemlmError: the target is below the smallest candidate (names its size).
+        MemlmError: the target is below the smallest candidate (names its size), or `weight_dtype`
+            is not one of `FIT_DTYPES` (aliases such as float32 are accepted).
     """
     budget = parse_size(target)
-    if weight_dtype not in DTYPE_BYTES:
-        raise MemlmError(f"unknown --weight-dtype {weight_dtype!r}: use one of {sorted(DTYPE_BYTES)}")
+    weight_dtype = parse_weight_dtype(weight_dtype)
+    per_weight = dtypes.bytes_per_element(weight_dtype)
     candidates = []
     for preset in STUDENT_PRESETS:                 # each preset's width at every depth
         for depth in FIT_DEPTHS:
             name = f"{preset},layers={depth}"
-            cfg = parse_student(f"preset={name}", vocab_size, max_position_embeddings=max(context, 2048),
+            cfg = parse_student(f"preset={name}", vocab_size, max_position_embeddings=max(context, STUDENT_POSITIONS),
                                 **cfg_kwargs)
-            candidates.append(FitChoice(name, cfg, int(count_parameters(cfg) * DTYPE_BYTES[weight_dtype]),
+            candidates.append(FitChoice(name, cfg, int(count_parameters(cfg) * per_weight),
                                         cfg.kv_bytes_per_token * context))
     candidates.sort(key=lambda c: c.total)
     fitting = [c for c in candidates if c.total <= budget]
@@ -232,7 +247,7 @@ def fit_student(target: str | int, vocab_size: int, context: int = 2048, weight_
     return max(fitting, key=lambda c: (body_parameters(c.cfg), count_parameters(c.cfg))), candidates
 
 
-def describe_fit(choice: FitChoice, budget: str | int, context: int, weight_dtype: str = "fp32") -> str:
+def describe_fit(choice: FitChoice, budget: str | int, context: int, weight_dtype: str = FIT_WEIGHT_DTYPE) -> str:
     """The message `memlm distill --fit` prints: what it picked and why."""
     cfg, b = choice.cfg, parse_size(budget)
     return (f"fit {format_size(b)}: picked student '{choice.name}' (layers={cfg.depth}, hidden={cfg.hidden_size}, "

@@ -28,6 +28,8 @@ import zstandard
 
 from memlm.errors import MemlmError
 
+TOP_K = 32          # teacher logits kept per position
+
 
 def tokens_digest(tokens: np.ndarray, n: int) -> str:
     return hashlib.sha1(np.ascontiguousarray(tokens[:n]).tobytes()).hexdigest()[:16]
@@ -47,7 +49,7 @@ class TeacherCache:
         return self.meta["num_windows"]
 
     @classmethod
-    def build(cls, teacher, tokens: np.ndarray, directory: str | Path, *, seq_len: int, k: int = 32,
+    def build(cls, teacher, tokens: np.ndarray, directory: str | Path, *, seq_len: int, k: int = TOP_K,
               num_windows: int | None = None, chunk_windows: int = 16, batch_size: int = 4,
               store_hidden: bool = False, teacher_name: str = "teacher", fingerprint: str = "",
               temperatures: tuple[float, ...] = (1.0, 2.0), progress: bool = False) -> "TeacherCache":

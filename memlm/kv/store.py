@@ -3,8 +3,8 @@
 Owns: `KVStore` (one preallocated K and V tensor per attention layer, indexed by
 block id * block_size + offset = slot), `PagedBatch` (the per-step layout: slot mapping,
 prefill segments, decode groups) and `PagedView` (the `KVView` protocol over them).
-Does not know: which sequence owns which block or why (that is the scheduler with
-`block_pool.py`); the model does not know it is paged.
+Does not know: which sequence holds which block or why (`manager.py`, asked by the
+scheduler); the model does not know it is paged.
 
 Layout of one layer's cache, (num_blocks * block_size, n_kv_heads, head_dim):
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from memlm.memory import paged_attention
+from memlm.kernels import attention as paged_attention
 from memlm.models.kv import causal_attention
 
 
@@ -42,7 +42,6 @@ class KVStore:
                  n_kv_heads: int, head_dim: int, dtype=torch.float32, device="cpu"):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
-        self.dtype = dtype
         self.layer_of_depth = {d: i for i, d in enumerate(attention_depths)}
         n_layers = max(1, len(attention_depths))
         # zeros, not empty: every page is touched now (RSS shows the whole pool at start-up) and
@@ -143,7 +142,7 @@ class PagedView:
         """q (N, nh, hd); k, v (N, nkv, hd) -> (N, nh, hd) in v's dtype.
 
         Decode attention always runs in fp32. Prefill attention runs in the inputs' dtype: fp32
-        for an fp32 model, bf16 for a bf16-matmul model (`memory/weights.py`), whose q/k/v were
+        for an fp32 model, bf16 for a bf16-matmul model (`models/linear/bf16.py`), whose q/k/v were
         rounded to bf16 by their projection already; SDPA accumulates in fp32 either way.
         """
         dt = torch.bfloat16 if v.dtype == torch.bfloat16 else torch.float32

@@ -1,35 +1,27 @@
-"""A small native kernel for decode attention straight from the paged KV cache (CPU).
+/* Decode attention straight from the paged KV cache (CPU): one query token per sequence
+   attending to its whole cached context through its block table. Wrapped by
+   memlm/kernels/attention.py, which also holds the torch reference it is tested against.
 
-Owns: the C source and `decode_attention(...)`; `native.py` builds and loads it. Where no
-compiler is found, the build fails, the cache is not fp32/fp16/int8 on CPU, or MEMLM_NATIVE=0,
-`available()` is False and `kv_store.PagedView` uses gather + SDPA instead (same results up to
-float rounding).
-Does not know: block ownership or scheduling.
+   Why: gather + SDPA moves every K/V byte three times (gather read, gather write, SDPA read);
+   decode attention is memory-bound, so reading each cached row once, in place, through the
+   block table is about 3x less traffic. The query heads of a GQA group share each K/V row
+   load; online softmax one block at a time.
 
-Why: gather + SDPA moves every K/V byte three times (gather read, gather write, SDPA read);
-decode attention is memory-bound, so reading each cached row once, in place, through the block
-table is about 3x less traffic. The query heads of a GQA group share each K/V row load; online
-softmax one block at a time.
+   Two kernel bodies:
+   - head size 64 with 16-token blocks on AVX-512 (SmolLM2, GPT-2): one (sequence, KV head)
+     per task, queries and accumulators in registers, 16 scores per block folded by one
+     transpose-add tree, and the next blocks' rows prefetched (a block table sends the hardware
+     prefetcher nowhere useful). benchmarks/kernels.py, one thread, SmolLM2's shape, 64
+     sequences x 272 tokens x 30 layers, in-order blocks: fp16 KV 75 -> 45 ms, int8 65 -> 31 ms,
+     fp32 116 -> 68 ms against the generic body (gather + SDPA: 219 ms for fp16).
+   - generic C for other shapes and CPUs: one sequence per task when there are enough of them
+     (each token's row of all KV heads is one contiguous read), else one (sequence, KV head).
 
-Two kernel bodies:
-- head size 64 with 16-token blocks on AVX-512 (SmolLM2, GPT-2): one (sequence, KV head) per
-  task, queries and accumulators in registers, 16 scores per block folded by one transpose-add
-  tree, and the next blocks' rows prefetched (a block table sends the hardware prefetcher
-  nowhere useful). `benchmarks/kernels.py`, one thread, SmolLM2's shape, 64 sequences x 272
-  tokens x 30 layers, in-order blocks: fp16 KV 75 -> 45 ms, int8 65 -> 31 ms, fp32 116 -> 68 ms
-  against the generic body (gather + SDPA: 219 ms for fp16).
-- generic C for other shapes and CPUs: one sequence per task when there are enough of them
-  (each token's row of all KV heads is one contiguous read), else one (sequence, KV head).
-"""
-from __future__ import annotations
+   Exports paged_decode_attention_{f32,f16,i8}[_hd64], all with the signature
+   (q, k_cache, v_cache, k_scales, v_scales, block_tables, lens, out,
+    B, nh, nkv, hd, block_size, max_nb, scale). */
+#include "common.h"
 
-import ctypes
-
-import torch
-
-from memlm.memory import native
-
-_SOURCE = native.COMMON_C + r"""
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -291,41 +283,3 @@ DEFINE_DECODE(paged_decode_attention_f32_hd64, float, widen_f32, 64, 16)
 DEFINE_DECODE(paged_decode_attention_f16_hd64, _Float16, widen_f16, 64, 16)
 DEFINE_DECODE(paged_decode_attention_i8_hd64, int8_t, widen_i8, 64, 16)
 #endif
-"""
-
-_SIGNATURE = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_float]
-_LIBRARY = native.Library("paged_attention", _SOURCE,
-                          {f"paged_decode_attention_{t}{h}": _SIGNATURE
-                           for t in ("f32", "f16", "i8") for h in ("", "_hd64")})
-
-
-def available() -> bool:
-    """True when the native kernel is built and loadable (built on first call)."""
-    return _LIBRARY.lib is not None
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     block_tables: torch.Tensor, lens: torch.Tensor, block_size: int,
-                     k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> torch.Tensor:
-    """One query token per sequence attending to its whole cached context.
-
-    Args:
-        q: (B, nh, hd) fp32 contiguous.
-        k_cache, v_cache: (slots, nkv, hd) fp32, fp16 or int8, contiguous (one layer of the KVStore).
-        block_tables: (B, max_nb) int64; lens: (B,) int64 context lengths (incl. this token).
-        k_scales, v_scales: (slots, nkv) fp32 row scales, int8 caches only.
-    Returns:
-        (B, nh, hd) fp32.
-    """
-    B, nh, hd = q.shape
-    nkv = k_cache.shape[1]
-    out = torch.empty_like(q)
-    kind = {torch.float16: "f16", torch.float32: "f32", torch.int8: "i8"}[k_cache.dtype]
-    fn = getattr(_LIBRARY.lib, f"paged_decode_attention_{kind}{'_hd64' if (hd, block_size) == (64, 16) else ''}")
-    if k_cache.dtype == torch.int8 and (k_scales is None or v_scales is None):
-        raise ValueError("an int8 KV cache needs its k/v scales")
-    fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-       0 if k_scales is None else k_scales.data_ptr(), 0 if v_scales is None else v_scales.data_ptr(),
-       block_tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
-       B, nh, nkv, hd, block_size, block_tables.shape[1], hd ** -0.5)
-    return out

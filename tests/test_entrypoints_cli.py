@@ -1,13 +1,10 @@
 """`memlm generate --prompts-file` and `memlm info --memory-budget` on a tiny HF checkpoint."""
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from engine_fakes import one_torch_thread  # noqa: E402,F401  (autouse)
-from helpers import make_tiny_hf_llama  # noqa: E402
+from helpers import make_tiny_hf_llama
 
-from memlm.cli import main  # noqa: E402
+from memlm.entrypoints.cli import main
 
 
 def test_prompts_file_to_jsonl(tmp_path, capsys):
@@ -60,7 +57,7 @@ def test_commands_size_the_engine_for_the_sequences_they_run(tmp_path, monkeypat
     """One prompt or a chat runs one sequence: the engine is not built for 128 (the default
     budget would otherwise turn into a multi-GiB KV pool); a prompts file gets its count, and
     --max-num-seqs always wins."""
-    import memlm.llm
+    import memlm.entrypoints.llm
 
     seen = []
 
@@ -71,7 +68,7 @@ def test_commands_size_the_engine_for_the_sequences_they_run(tmp_path, monkeypat
         seen.append(kwargs.get("max_num_seqs"))
         raise Stop
 
-    monkeypatch.setattr(memlm.llm, "LLM", fake_llm)
+    monkeypatch.setattr(memlm.entrypoints.llm, "LLM", fake_llm)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a"}\n{"prompt": "b", "n": 3}\nc\n')
     for argv in (["generate", "hi"], ["chat"], ["generate", "--prompts-file", str(prompts)],
@@ -81,3 +78,36 @@ def test_commands_size_the_engine_for_the_sequences_they_run(tmp_path, monkeypat
         except Stop:
             pass
     assert seen == [1, 1, 5, 7]
+
+
+def test_dtype_flags_speak_the_one_vocabulary_and_help_reads_the_defaults(monkeypatch, capsys):
+    import pytest
+
+    import memlm.entrypoints.llm
+    from memlm.engine import config
+    from memlm.entrypoints.cli import build_parser
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(**kwargs):
+        seen.append((kwargs.get("kv_dtype"), kwargs.get("weight_dtype")))
+        raise Stop
+
+    monkeypatch.setattr(memlm.entrypoints.llm, "LLM", fake_llm)
+    for argv in (["generate", "hi", "--kv-dtype", "float16", "--weight-dtype", "bfloat16"],
+                 ["generate", "hi", "--kv-dtype", "int8", "--dtype", "fp32"], ["chat"]):
+        try:
+            main(argv)
+        except Stop:
+            pass
+    assert seen == [("float16", "bfloat16"), ("int8", "fp32"), (None, None)]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "hi", "--kv-dtype", "int4"])
+    assert "--kv-dtype" in capsys.readouterr().err
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["generate"].format_help().split())
+    assert f"default {config.MAX_NUM_SEQS}" in help_text
+    assert f"default {config.MAX_NUM_BATCHED_TOKENS}" in help_text
+    assert "{auto,fp32,fp16,bf16,int8}" in help_text and "{auto,fp32,bf16}" in help_text

@@ -1,15 +1,11 @@
 """The public LLM API on a tiny random model: prompt forms, errors, chat, stream."""
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import engine_fakes as ef  # noqa: E402
-from engine_fakes import one_torch_thread  # noqa: E402,F401  (autouse)
+import engine_fakes as ef
 
-from memlm import LLM, RequestOutput, SamplingParams  # noqa: E402
-from memlm.errors import RequestError  # noqa: E402
+from memlm import LLM, RequestOutput, SamplingParams
+from memlm.errors import RequestError
 
 
 @pytest.fixture(scope="module", params=["paged", "reference"])
@@ -61,3 +57,46 @@ def test_prompt_longer_than_context_errors_itself_only():
     out = llm.generate([{"prompt_token_ids": [1] * 80}, "ok"], SamplingParams(max_tokens=70, ignore_eos=True))
     assert out[0].error and out[0].outputs[0].finish_reason == "error"
     assert out[1].outputs[0].finish_reason == "length" and len(out[1].prompt_token_ids) + len(out[1].outputs[0].token_ids) == 64
+
+
+def test_both_engines_implement_the_engine_protocol(llm):
+    from memlm.engine.protocol import Engine
+    assert isinstance(llm.engine, Engine)
+    assert isinstance(llm.engine.describe_plan(), str)
+    assert (llm.metrics is None) == (llm.engine.__class__.__name__ == "ReferenceEngine")
+
+
+def test_reference_engine_refuses_a_memory_budget():
+    with pytest.raises(ValueError, match="reference engine does not run inside a memory budget") as e:
+        LLM(ef.tiny_loaded(ef.llama_config()), engine="reference", memory_budget="1GiB", verbose=False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        LLM(ef.tiny_loaded(ef.llama_config()), engine="fast", verbose=False)
+
+
+@pytest.mark.parametrize("kw, want", [({}, "fp32"), ({"weight_dtype": "bf16"}, "bf16"),
+                                      ({"dtype": "bfloat16"}, "bf16"), ({"weight_dtype": "float32"}, "fp32"),
+                                      ({"weight_dtype": "bf16", "dtype": "torch.bfloat16"}, "bf16")])
+def test_weight_dtype_speaks_the_one_vocabulary(kw, want):
+    import torch
+    llm = LLM(ef.tiny_loaded(ef.llama_config()), engine="reference", verbose=False, **kw)
+    assert llm.weight_dtype == want and llm.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[want]
+
+
+@pytest.mark.parametrize("kw, match", [({"weight_dtype": "int8"}, "weight_dtype must be one of auto, fp32, bf16"),
+                                       ({"weight_dtype": "fp32", "dtype": "bf16"}, "disagree")])
+def test_bad_weight_dtype_is_one_line(kw, match):
+    with pytest.raises(ValueError, match=match) as e:
+        LLM(ef.tiny_loaded(ef.llama_config()), engine="reference", verbose=False, **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_stream_gives_deltas_per_completion_for_n_gt_1(llm):
+    sp = SamplingParams(temperature=0.9, seed=5, n=3, max_tokens=7, ignore_eos=True)
+    want = llm.generate("hey", sp)[0].outputs
+    chunks = list(llm.stream("hey", sp))
+    for i in range(3):
+        mine = [c for c in chunks if c.index == i]
+        assert "".join(c.text for c in mine) == want[i].text
+        assert [t for c in mine for t in c.token_ids] == want[i].token_ids
+        assert [c.finish_reason for c in mine][-1] == "length"

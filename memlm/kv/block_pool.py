@@ -1,8 +1,8 @@
 """KV block bookkeeping: block ids, the free queue and reference counts. Pure Python, no torch.
 
-Owns: which fixed-size KV blocks are free, who holds how many references to each, and the
-order in which freed blocks are reused. Does not know: what a block contains (the tensors live
-in `kv_store.py`), sequences, or scheduling policy.
+Owns: which fixed-size KV blocks are free, how many references each holds, and the order in
+which freed blocks are reused. Does not know: what a block contains (the tensors live in
+`store.py`), which sequence holds which block (`manager.py`), or scheduling policy.
 
     ids:        0    1    2    3    4    5
     ref count: [1]  [2]  [0]  [1]  [0]  [0]      block 1 shared by two sequences (n > 1 fork)
@@ -41,9 +41,6 @@ class BlockPool:
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold `num_tokens` token slots."""
         return -(-num_tokens // self.block_size)
-
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
 
     def allocate(self, n: int) -> list[int] | None:
         """Take `n` free blocks (ref count 1 each), all or nothing; None when too few are free."""

@@ -1,26 +1,81 @@
-"""`memlm train | distill | eval` end to end on tiny models and text (no embedded teacher)."""
+"""`memlm train | distill | eval` end to end on tiny models and text (no embedded teacher), and
+the flags -> typed run config step of the CLI."""
 import argparse
+from dataclasses import replace
 
 import pytest
 import torch
 
 from memlm.config import ModelConfig
+from memlm.entrypoints.cli import train as cli
+from memlm.entrypoints.cli.train import add_commands
 from memlm.errors import MemlmError
 from memlm.models import Transformer
 from memlm.training import checkpoint
-from memlm.training.cli import add_commands
 from memlm.training.data import TextTokenizer
+from memlm.training.distill import DistillConfig
+from memlm.training.runs import DISTILL_LOOP, ONLINE_LEARNER, TRAIN_LOOP, DistillRun, EvalRun, OnlineRun, TrainRun
 
 pytest.importorskip("memlm.loading")
 TEXT = "\n\n".join(f"Scene {i}. Enter the king and the queen; they speak of crowns, of {i} ships "
                    "and of the sea. Exeunt." for i in range(400))
 
 
-def run(argv):
+def parse(argv):
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run(argv):
+    args = parse(argv)
     return args.func(args)
+
+
+def test_flag_defaults_are_the_run_configs_defaults():
+    assert cli.train_run(parse(["train"])) == TrainRun()
+    assert cli.online_run(parse(["train", "--online", "--model", "m"])) == OnlineRun(model="m")
+    assert cli.distill_run(parse(["distill"])) == DistillRun()
+    assert cli.eval_run(parse(["eval", "--model", "m", "--text-file", "t"])) == EvalRun("m", "t")
+
+
+def test_runs_built_from_flags_equal_runs_built_directly():
+    args = parse(["train", "--student", "mini", "--corpus", "bible", "--steps", "7", "--seq-len", "32",
+                  "--lr", "1e-3", "--schedule", "wsd", "--seed", "3", "--out", "o", "--resume", "--export-hf", "h"])
+    assert cli.train_run(args) == TrainRun(student="mini", corpus="bible", out="o", resume=True, export_hf="h",
+                                           loop=replace(TRAIN_LOOP, steps=7, seq_len=32, lr=1e-3, schedule="wsd",
+                                                        seed=3))
+    args = parse(["train", "--online", "--model", "m", "--stream", "s.txt", "--online-lr", "1e-3",
+                  "--batch-size", "2", "--max-chunks", "3", "--replay-corpus", "bible"])
+    assert cli.online_run(args) == OnlineRun(model="m", stream="s.txt", max_chunks=3, replay_corpus="bible",
+                                             learner=replace(ONLINE_LEARNER, lr=1e-3, batch_size=2))
+    args = parse(["distill", "--fit", "8MiB", "--weight-dtype", "bfloat16", "--temperature", "2", "--reverse-kl",
+                  "--top-k", "8", "--no-cache", "--steps", "9"])
+    built = DistillRun(fit="8MiB", weight_dtype="bf16", objective=DistillConfig(temperature=2.0, reverse=True),
+                       top_k=8, no_cache=True, loop=replace(DISTILL_LOOP, steps=9))
+    assert cli.distill_run(args) == built and built.weight_dtype == "bf16"
+    args = parse(["eval", "--model", "m", "--text-file", "t", "--context", "64", "--stride", "32"])
+    assert cli.eval_run(args) == EvalRun("m", "t", context=64, stride=32)
+
+
+def test_bad_flags_fail_before_any_work(monkeypatch):
+    def no_work(run):
+        raise AssertionError("the run started")
+    monkeypatch.setattr(cli, "run_distill", no_work)
+    monkeypatch.setattr(cli, "run_train", no_work)
+    with pytest.raises(MemlmError, match="--weight-dtype must be one of fp32, fp16, bf16, int8, int4"):
+        run(["distill", "--fit", "8MiB", "--weight-dtype", "fp8"])
+    with pytest.raises(MemlmError, match="--resume needs --out"):
+        run(["train", "--resume"])
+
+
+def test_threads_are_set_once_through_runtime(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.runtime, "set_num_threads", calls.append)
+    monkeypatch.setattr(cli, "run_distill", lambda run: 0)
+    monkeypatch.setattr(cli, "run_train", lambda run: 0)
+    assert run(["distill", "--threads", "1"]) == 0 and run(["train"]) == 0
+    assert calls == [1, None]
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +151,12 @@ def test_eval_bad_inputs(world, tmp_path):
     (tmp_path / "one.txt").write_text("a")
     with pytest.raises(MemlmError, match="too short"):
         run(["eval", "--model", str(world / "teacher"), "--text-file", str(tmp_path / "one.txt")])
+
+
+def test_main_prints_one_error_line_for_bad_training_flags(capsys):
+    from memlm.entrypoints.cli import main
+    assert main(["distill", "--fit", "8MiB", "--weight-dtype", "fp8", "--plan"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --weight-dtype must be one of fp32, fp16, bf16, int8, int4") and err.count("\n") == 1
+    assert main(["eval", "--model", "m", "--text-file", "t", "--stride", "0"]) == 1
+    assert capsys.readouterr().err == "error: --stride must be in 1..context (512), got 0\n"

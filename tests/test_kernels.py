@@ -1,34 +1,35 @@
-"""Native kernels and the bf16 weight codec against plain torch: decode attention over paged KV,
-the fused elementwise ops (native and fallback), prepacked bf16 weights, the fused layer."""
+"""Native kernels against plain torch: decode attention over paged KV and the fused elementwise
+ops (native and fallback); building them from csrc/ (fresh cache, rebuild on edit, compiler
+errors, MEMLM_NATIVE=0); the CPU probe."""
+
+import os
+import shutil
+import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-import engine_fakes as ef  # noqa: E402
-from engine_fakes import one_torch_thread  # noqa: E402,F401  (autouse)
-
-from memlm.memory import fused_ops, paged_attention  # noqa: E402
-from memlm.memory.weights import Bf16Linear, _CastCache, num_parameters, use_bf16_matmuls, weight_bytes  # noqa: E402,E501
-from memlm.models.kv import DenseView  # noqa: E402
-
-needs_attention_kernel = pytest.mark.skipif(not paged_attention.available(),
-                                            reason="no C compiler / MEMLM_NATIVE=0")
-needs_fused_kernels = pytest.mark.skipif(not fused_ops.available(), reason="no C compiler / MEMLM_NATIVE=0")
+from memlm.kernels import attention, cpu, fused_ops
+from memlm.kernels import native as kernel_build
 
 
-@needs_attention_kernel
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8])
 @pytest.mark.parametrize("B,nh,nkv,hd,bs", [(1, 6, 2, 16, 4), (5, 6, 2, 16, 4), (40, 6, 2, 16, 4),
                                             (7, 4, 4, 16, 4), (3, 9, 3, 64, 16), (9, 9, 3, 64, 16),
                                             (4, 4, 4, 64, 16), (2, 10, 1, 64, 16)])
-def test_decode_attention_matches_dense_softmax(dtype, B, nh, nkv, hd, bs):
+def test_decode_attention_matches_dense_softmax(native, dtype, B, nh, nkv, hd, bs):
     """Both task layouts (one KV head per task for few sequences, whole rows for many), GQA and
     MHA, the generic and the head-64 / block-16 kernels (AVX-512 where built, and its fallback
-    for more than 8 query heads per KV head), shuffled block tables, lengths that end mid-block."""
+    for more than 8 query heads per KV head), shuffled block tables, lengths that end mid-block;
+    and the torch reference the wrapper falls back to, on the same cases."""
+    if native and not attention.available():
+        pytest.skip("no C compiler / MEMLM_NATIVE=0")
+    decode = attention.decode_attention if native else attention.decode_attention_reference
     g = torch.Generator().manual_seed(B * 10 + nh)
     num_blocks = 800
     if dtype == torch.int8:
@@ -43,7 +44,7 @@ def test_decode_attention_matches_dense_softmax(dtype, B, nh, nkv, hd, bs):
     max_nb = int(-(-lens.max() // bs))
     tables = torch.randperm(num_blocks, generator=g)[:B * max_nb].view(B, max_nb)
     q = torch.randn(B, nh, hd, generator=g)
-    out = paged_attention.decode_attention(q, kc, vc, tables, lens, bs, ks, vs)
+    out = decode(q, kc, vc, tables, lens, bs, ks, vs)
     kf = kc.float() if ks is None else kc.float() * ks[..., None]
     vf = vc.float() if vs is None else vc.float() * vs[..., None]
     for b in range(B):
@@ -90,69 +91,6 @@ def test_fused_ops_match_unfused_math(native, monkeypatch):
     fused_ops.rope_bf16_(wide, 3, hd, cos, sin)
     torch.testing.assert_close(wide[:, :3 * hd].float().view(M, 3, hd), _rope_ref(before, 3, hd, cos, sin), **tol)
     assert torch.equal(wide[:, 3 * hd:], before[:, 3 * hd:])                     # other heads untouched
-
-
-def test_bf16_linear_packed_equals_dense():
-    g = torch.Generator().manual_seed(1)
-    lin = torch.nn.Linear(40, 72, bias=True)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(72, 40, generator=g))
-    layer = Bf16Linear(lin.weight, lin.bias, _CastCache())
-    x = torch.randn(5, 40, generator=g)
-    expected = F.linear(x.bfloat16(), lin.weight.bfloat16()).float() + lin.bias
-    torch.testing.assert_close(layer(x), expected, rtol=1e-2, atol=1e-2)
-    assert (layer.packed is None) == (layer.weight is not None)     # exactly one copy is held
-    dense = Bf16Linear(lin.weight, lin.bias, _CastCache(), pack=False)  # what a GPU-bound model gets
-    assert dense.packed is None and dense.weight.dtype == torch.bfloat16
-    torch.testing.assert_close(dense(x), layer(x), rtol=0, atol=0)
-
-
-def test_fused_bf16_layers_stay_close_to_fp32():
-    """The whole codec on a tiny Llama (fused q/k/v, gate/up, fused layer forward) vs fp32."""
-    loaded = ef.tiny_loaded(ef.llama_config(), seed=5)
-    model = loaded.model
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
-    fp32_bytes, params = model.weight_bytes(), model.num_parameters()
-    with torch.inference_mode():
-        ref = model.forward_dense(ids)
-        use_bf16_matmuls(model)
-        assert 0.45 * fp32_bytes < weight_bytes(model) < 0.55 * fp32_bytes   # packed copies counted
-        assert num_parameters(model) == params
-        assert all(layer.attn.qkv_proj is not None and "forward" in vars(layer) for layer in model.layers)
-        out = model.forward_dense(ids)
-    assert out.dtype == torch.float32
-    rel = (out - ref).norm() / ref.norm()
-    assert rel < 3e-2, rel
-
-
-def test_bf16_linear_fused_bias_and_gelu_post_op():
-    g = torch.Generator().manual_seed(3)
-    w, b = torch.randn(96, 32, generator=g) * 0.2, torch.randn(96, generator=g)
-    layer = Bf16Linear(w, b, _CastCache(), out_dtype=torch.bfloat16)
-    if layer.packed is None:
-        pytest.skip("oneDNN weight packing is not available here")
-    x = torch.randn(7, 32, generator=g)
-    expected = F.linear(x.bfloat16().float(), w.bfloat16().float(), b)
-    torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
-    layer.post_op = ("gelu", "tanh")
-    torch.testing.assert_close(layer(x).float(), F.gelu(expected, approximate="tanh"), rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.parametrize("tie", [True, False])
-def test_bf16_logits_recompute_the_top_candidates_in_fp32(tie):
-    """bf16 matmul output rounds logits to a coarse step; the top REFINE_TOP of each row must be
-    the fp32 dot products of the unrounded hidden state with the (bf16) head rows."""
-    from memlm.memory import weights
-    loaded = ef.tiny_loaded(ef.llama_config(tie_word_embeddings=tie), seed=7)
-    model = use_bf16_matmuls(loaded.model)
-    hidden = torch.randn(5, model.cfg.hidden_size, generator=torch.Generator().manual_seed(4)) * 8
-    with torch.inference_mode():
-        logits = model.compute_logits(hidden)
-    head = model.embed.weight if tie else model.lm_head.weight
-    exact = hidden @ head.float().T
-    top = logits.topk(weights.REFINE_TOP, dim=-1).indices
-    torch.testing.assert_close(logits.gather(1, top), exact.gather(1, top), rtol=1e-5, atol=1e-4)
-    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -202,3 +140,100 @@ def test_row_argmax_is_torch_argmax(native, monkeypatch):
     cases.append(special)
     for x in cases:
         assert torch.equal(fused_ops.row_argmax(x), x.argmax(-1))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_compiler = pytest.mark.skipif(not kernel_build.enabled() or shutil.which(kernel_build.compiler()) is None,
+                                    reason="no C compiler / MEMLM_NATIVE=0")
+
+
+def test_c_sources_ship_as_files_and_as_package_data():
+    """Each library compiles a real file under memlm/kernels/csrc, which the wheel ships;
+    no kernel source is left inside a Python string."""
+    csrc = ROOT / "memlm" / "kernels" / "csrc"
+    assert kernel_build.CSRC == csrc
+    for library in (attention._LIBRARY, fused_ops._LIBRARY):
+        assert library.source.parent == csrc and library.source.suffix == ".c"
+        assert '#include "common.h"' in library.source.read_text()
+    assert (csrc / "common.h").is_file()
+    shipped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert set(shipped["memlm.kernels"]) >= {"csrc/*.c", "csrc/*.h"}
+    for py in (ROOT / "memlm").rglob("*.py"):
+        assert "#include <" not in py.read_text(), py
+
+
+@needs_compiler
+def test_a_fresh_cache_builds_a_loadable_library_from_csrc(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    library = kernel_build.Library("fused_ops", "fused_ops.c", fused_ops._SIGNATURES)
+    assert not library.target().exists()
+    lib = library.lib
+    assert lib is not None, library.error
+    assert library.target().parent == tmp_path / "memlm" / "kernels" and library.target().is_file()
+    x = torch.tensor([[0.0, 3.0, 3.0, -1.0], [5.0, 1.0, 2.0, 7.0]])
+    out = torch.empty(2, dtype=torch.int64)
+    lib.row_argmax(x.data_ptr(), out.data_ptr(), 2, 4)
+    assert out.tolist() == [1, 3]
+
+
+def test_the_build_key_follows_the_sources(tmp_path):
+    """Editing a .c or a header beside it names a new cache file, so the next load rebuilds."""
+    csrc = tmp_path / "csrc"
+    shutil.copytree(kernel_build.CSRC, csrc)
+    key = kernel_build.build_key(csrc / "fused_ops.c")
+    assert kernel_build.build_key(csrc / "fused_ops.c") == key
+    with open(csrc / "common.h", "a") as f:
+        f.write("/* edited */\n")
+    edited_header = kernel_build.build_key(csrc / "fused_ops.c")
+    with open(csrc / "fused_ops.c", "a") as f:
+        f.write("/* edited */\n")
+    assert len({key, edited_header, kernel_build.build_key(csrc / "fused_ops.c")}) == 3
+
+
+@needs_compiler
+def test_compiler_errors_name_the_real_file_and_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.c"
+    bad.write_text("#include <stdint.h>\n\nvoid f(void) { undeclared_name = 1; }\n")
+    with pytest.raises(kernel_build.BuildError, match=r"broken\.c:3"):
+        kernel_build.build(bad, tmp_path / "broken.so")
+    library = kernel_build.Library("broken", bad, {"f": []})
+    assert library.lib is None and "broken.c:3" in library.error      # kernels off, reason kept
+    assert not library.target().exists()
+
+
+def test_native_off_selects_the_torch_fallbacks():
+    """MEMLM_NATIVE=0 (read when a library is first used): nothing is built or loaded, and
+    every wrapper returns its torch result."""
+    script = """
+import torch, torch.nn.functional as F
+from memlm.kernels import attention, fused_ops, native
+assert not native.enabled() and not attention.available() and not fused_ops.available()
+assert attention._LIBRARY.lib is None and fused_ops._LIBRARY.lib is None
+g = torch.Generator().manual_seed(0)
+x, w = torch.randn(5, 32, generator=g), torch.randn(32, generator=g)
+assert torch.equal(fused_ops.rms_norm_bf16(x, w, 1e-5), F.rms_norm(x, (32,), w, 1e-5).bfloat16())
+gu = torch.randn(5, 64, generator=g).bfloat16()
+assert torch.equal(fused_ops.silu_mul_bf16(gu), F.silu(gu[:, :32]) * gu[:, 32:])
+logits = torch.randn(4, 100, generator=g)
+assert torch.equal(fused_ops.row_argmax(logits), logits.argmax(-1))
+kc, vc = torch.randn(32, 2, 16, generator=g), torch.randn(32, 2, 16, generator=g)
+q, tables, lens = torch.randn(3, 4, 16, generator=g), torch.tensor([[0, 1], [2, 3], [7, 4]]), torch.tensor([5, 8, 2])
+args = (q, kc, vc, tables, lens, 4)
+assert torch.equal(attention.decode_attention(*args), attention.decode_attention_reference(*args))
+print("fallbacks ok")
+"""
+    env = {**os.environ, "MEMLM_NATIVE": "0"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "fallbacks ok" in done.stdout, done.stderr
+
+
+def test_bf16_matmul_decision_reads_the_one_cpu_probe(monkeypatch):
+    assert cpu.cpu_flags() == cpu.cpu_flags() and isinstance(cpu.cpu_flags(), frozenset)
+    assert cpu.bf16_matmul_is_fast(torch.device("cuda"))
+    assert not cpu.bf16_matmul_is_fast(torch.device("meta"))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert cpu.bf16_matmul_is_fast(torch.device("cpu"))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert not cpu.bf16_matmul_is_fast(torch.device("cpu"))

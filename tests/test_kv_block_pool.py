@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from memlm.memory.block_pool import BlockPool
+from memlm.kv.block_pool import BlockPool
 
 
 def test_allocate_exact_ids_and_all_or_nothing():
@@ -48,6 +48,6 @@ def test_blocks_for_and_capacity():
 
 def test_block_pool_imports_no_torch():
     import subprocess
-    code = "import sys, memlm.memory.block_pool; print('torch' in sys.modules)"
+    code = "import sys, memlm.kv.block_pool; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

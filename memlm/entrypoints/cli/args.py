@@ -1,0 +1,88 @@
+"""Arguments shared by the generation commands (generate, chat, info) and the `LLM` they build.
+
+Owns: the model / engine flags and the sampling flags, their help (every default is read from
+where it is defined: `memlm.engine.config`, `memlm.models.registry`, the constants below), and
+turning parsed flags into `SamplingParams` and an `LLM`.
+Does not know: what a command does with them.
+"""
+from __future__ import annotations
+
+import argparse
+
+from memlm import dtypes
+from memlm.engine import config as engine_config
+from memlm.models.registry import DEFAULT_MODEL
+
+# The command line's sampling defaults: greedy, with room for a reply (SamplingParams' own
+# defaults are vLLM's: temperature 1, 16 tokens).
+MAX_TOKENS = 256
+TEMPERATURE = 0.0
+TOP_P = 1.0
+TOP_K = 0
+
+# Engine knobs the flags below may set, by their EngineConfig / LLM keyword.
+ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "kv_dtype", "num_threads", "weight_dtype")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model, --memory-budget, --device and the engine knobs."""
+    from memlm.entrypoints.llm import WEIGHT_DTYPES
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help="model name, .gguf file or Hugging Face directory (default: %(default)s)")
+    p.add_argument("--memory-budget", default=None,
+                   help="bound on the whole process's memory, e.g. 1GiB (default: a fraction of available RAM)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"sequences batched at once (default {engine_config.MAX_NUM_SEQS}; one for a "
+                        "single prompt or a chat)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=f"tokens per engine step, prefill chunks + decodes "
+                        f"(default {engine_config.MAX_NUM_BATCHED_TOKENS})")
+    p.add_argument("--kv-dtype", default=None, metavar="{" + ",".join(
+                       [dtypes.AUTO, *engine_config.KV_DTYPES]) + "}",
+                   choices=dtypes.choices(engine_config.KV_DTYPES, allow_auto=True),
+                   help="KV cache storage (default auto: fp16 on CPU with the native kernel, else "
+                        "fp32; attention is computed in fp32)")
+    p.add_argument("--weight-dtype", "--dtype", dest="weight_dtype", default=None,
+                   metavar="{" + ",".join([dtypes.AUTO, *WEIGHT_DTYPES]) + "}",
+                   choices=dtypes.choices(WEIGHT_DTYPES, allow_auto=True),
+                   help="weights and matmuls (default auto: bf16 where bf16 matmuls are fast here, "
+                        "else fp32)")
+    p.add_argument("--threads", dest="num_threads", type=int, default=None,
+                   help="CPU threads (default: torch's choice; 1 can be faster on a busy machine)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                   help="most new tokens per reply (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE,
+                   help="0 = greedy (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=TOP_P, help="(default %(default)s)")
+    p.add_argument("--top-k", type=int, default=TOP_K, help="0 = off (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args):
+    from memlm.sampling import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def engine_kwargs(args) -> dict:
+    """The LLM keywords of the engine flags that were given (the rest keep LLM's defaults)."""
+    return {k: getattr(args, k) for k in ENGINE_KNOBS if getattr(args, k, None) is not None}
+
+
+def make_llm(args, num_seqs: int | None = None):
+    """The LLM for a command; `num_seqs` (sequences it will ever run at once) caps max_num_seqs
+    unless --max-num-seqs is given, so one chat does not claim a full-size KV pool."""
+    from memlm.entrypoints import llm
+    kwargs = {"model": args.model}
+    if num_seqs is not None and getattr(args, "max_num_seqs", None) is None:
+        kwargs["max_num_seqs"] = max(1, min(engine_config.MAX_NUM_SEQS, num_seqs))
+    if args.memory_budget is not None:
+        kwargs["memory_budget"] = args.memory_budget
+    if args.device is not None:
+        kwargs["device"] = args.device
+    kwargs.update(engine_kwargs(args))
+    return llm.LLM(**kwargs)

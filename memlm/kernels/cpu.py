@@ -1,0 +1,53 @@
+"""What this CPU can do: the one reader of its feature flags, and the bf16-matmul decision.
+
+Owns: `cpu_flags()` (the `flags` line of /proc/cpuinfo, read once per process) and
+`bf16_matmul_is_fast(device)`, which model loading asks before choosing bf16 weights.
+`native.py` keys its build cache on the same flags (a `-march=native` build is only valid on
+the CPU it was built for).
+Does not know: how kernels are built, or which model is loaded.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (`avx512f`, `amx_bf16`, ...); empty where /proc/cpuinfo is not."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration, IndexError):
+        return frozenset()
+
+
+def bf16_matmul_is_fast(device: torch.device) -> bool:
+    """True when bf16 matmuls beat fp32 by 2x here (CPUs with AMX, all GPUs).
+
+    AMX (`amx_bf16` in /proc/cpuinfo) decides at once: bf16 matmuls measured 3-7x faster than
+    fp32 there. Without AMX or AVX512-BF16 bf16 matmul on CPU is ~100x slower: no. In between
+    (AVX512-BF16 only) a timing decides, best of 5 -- a single timing flipped under load.
+    """
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return True
+    if "avx512_bf16" not in flags:
+        return False
+    x32, w32 = torch.randn(256, 1024), torch.randn(1024, 1024)
+    x16, w16 = x32.bfloat16(), w32.bfloat16()
+
+    def best(x, w):
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            times.append(time.perf_counter() - t)
+        return min(times)
+    return best(x16, w16) * 2 < best(x32, w32)

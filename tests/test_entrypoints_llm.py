@@ -83,7 +83,7 @@ def test_weight_dtype_speaks_the_one_vocabulary(kw, want):
     assert llm.weight_dtype == want and llm.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[want]
 
 
-@pytest.mark.parametrize("kw, match", [({"weight_dtype": "int8"}, "weight_dtype must be one of auto, fp32, bf16"),
+@pytest.mark.parametrize("kw, match", [({"weight_dtype": "int2"}, "weight_dtype must be one of auto, fp32, bf16, int8, int4"),
                                        ({"weight_dtype": "fp32", "dtype": "bf16"}, "disagree")])
 def test_bad_weight_dtype_is_one_line(kw, match):
     with pytest.raises(ValueError, match=match) as e:

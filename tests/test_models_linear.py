@@ -41,13 +41,14 @@ def test_the_factory_picks_the_method_by_weight_dtype_name():
     assert get_linear_method("bf16", "cpu").pack and not get_linear_method("bf16", torch.device("cuda")).pack
     a, b = get_linear_method("bf16"), get_linear_method("bf16")
     assert a is not b and a.cast is not b.cast                 # one method object (and cast cache) per model
-    assert linear.available_weight_dtypes() == ("fp32", "bf16")
-    with pytest.raises(ValueError, match="weight dtype must be one of fp32, bf16"):
+    assert linear.available_weight_dtypes() == ("fp32", "bf16", "int8", "int4")
+    with pytest.raises(ValueError, match="weight dtype must be one of fp32, bf16, int8, int4"):
         get_linear_method("fp16")
 
 
-INT8_METHOD = '''
-    """A toy int8 format: per-row symmetric int8 weights, dequantized on the fly."""
+TOY_METHOD = '''
+    """A toy format named int2 (the one dtype without a method): per-row symmetric int8
+    weights, dequantized on the fly."""
     import torch
     import torch.nn.functional as F
 
@@ -56,8 +57,8 @@ INT8_METHOD = '''
 
 
     @register
-    class Int8Method(Fp32Method):
-        name = "int8"
+    class ToyMethod(Fp32Method):
+        name = "int2"
 
         def process_weights_after_loading(self, layer):
             w = layer.weight.detach()
@@ -76,23 +77,23 @@ INT8_METHOD = '''
 
 def test_a_method_added_as_one_file_is_usable(tmp_path, monkeypatch):
     """Adding a weight format is one new module named after its dtype, nothing else."""
-    (tmp_path / "int8.py").write_text(textwrap.dedent(INT8_METHOD))
+    (tmp_path / "int2.py").write_text(textwrap.dedent(TOY_METHOD))
     monkeypatch.setattr(linear, "__path__", [*linear.__path__, str(tmp_path)])
     try:
-        assert "int8" in linear.available_weight_dtypes()
+        assert "int2" in linear.available_weight_dtypes()
         model = ef.tiny_loaded(ef.llama_config(), seed=3).model
         ids = torch.randint(0, model.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
         with torch.inference_mode():
             ref = model.compute_logits(model.forward_dense(ids)[0])
             fp32_bytes = model.weight_bytes()
-            set_weight_dtype(model, "q8")                       # an alias of int8
-            assert model.linear_method.name == "int8" and model.layers[0].attn.q_proj.weight is None
+            set_weight_dtype(model, "int2")
+            assert model.linear_method.name == "int2" and model.layers[0].attn.q_proj.weight is None
             out = model.compute_logits(model.forward_dense(ids)[0])
         assert model.weight_bytes() < 0.5 * fp32_bytes          # int8 buffers counted, fp32 weights gone
         assert (out - ref).norm() / ref.norm() < 3e-2
     finally:
-        linear.METHODS.pop("int8", None)
-        sys.modules.pop("memlm.models.linear.int8", None)
+        linear.METHODS.pop("int2", None)
+        sys.modules.pop("memlm.models.linear.int2", None)
 
 
 def test_fp32_layers_keep_nn_linear_init_and_names():

@@ -102,7 +102,7 @@ class ReferenceEngine:
                 for i in range(lp.shape[0]):
                     req.prompt_logprobs.append(top_logprobs(lp[i], ids[a + i + 1], req.params.prompt_logprobs))
         logits = self.model.compute_logits(hidden[-1:])                                    # (1, V)
-        row = SampleRow(req.params, seq.generator, req.prompt_token_ids, seq.output_token_ids)
+        row = SampleRow(req.params, seq.generator, req.prompt_token_ids, seq.output_token_ids, seq.grammar)
         out = self.sampler(logits, [row])
         done = seq.append_token(out.token_ids[0], out.logprobs[0])
         if not done and seq.num_tokens >= cache.max_len:

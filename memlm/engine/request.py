@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from memlm.engine.detokenizer import CompletionState
 from memlm.outputs import RequestOutput
 from memlm.sampling import SamplingParams, make_generator
+from memlm.structured import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -47,6 +48,8 @@ class Sequence:
         self.generator = make_generator(None if seed is None else seed + 1_000_003 * index, device)
         self.completion = CompletionState(index, request.tokenizer, request.params,
                                           request.eos_token_ids, request.prompt_token_ids)
+        spec = request.params.structured_output
+        self.grammar = GrammarState(spec, request.tokenizer) if spec is not None else None
 
     # --- derived counts ---------------------------------------------------------------
     @property
@@ -82,9 +85,19 @@ class Sequence:
         return self.prompt_token_ids[start:] + self.output_token_ids[:end - P]
 
     def append_token(self, token_id: int, logprobs=None) -> bool:
-        """Record a sampled token; returns True if the completion finished."""
+        """Record a sampled token; returns True if the completion finished (a complete
+        structured-output grammar finishes it with "stop"; a token that breaks it, with
+        "error" and the request's error set, this completion only)."""
         self.output_token_ids.append(int(token_id))
-        return self.completion.add_token(token_id, logprobs)
+        done = self.completion.add_token(token_id, logprobs)
+        if self.grammar is not None:
+            verdict = self.grammar.consume(token_id)
+            if verdict is not None and not done:
+                if verdict != "stop":
+                    self.request.error = verdict
+                self.completion.finish("stop" if verdict == "stop" else "error")
+                done = True
+        return done
 
 
 class Request:

@@ -83,8 +83,8 @@ class ModelRunner:
             if s.samples:
                 seq = s.seq
                 rows.append(last)
-                sample_rows.append(SampleRow(seq.request.params, seq.generator,
-                                             seq.prompt_token_ids, seq.output_token_ids))
+                sample_rows.append(SampleRow(seq.request.params, seq.generator, seq.prompt_token_ids,
+                                             seq.output_token_ids, seq.grammar))
                 sample_ids.append(seq.seq_id)
             row = last + 1
         if rows:

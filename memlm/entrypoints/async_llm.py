@@ -2,8 +2,9 @@
 
 Owns: one background task that steps the engine in a worker thread (the event loop stays
 responsive), one queue of `RequestDelta`s per request (what is new since the last step, made by
-`processing.RequestStream`), and cancellation: a consumer that stops iterating (or is
-cancelled) aborts its request, which frees its KV blocks.
+`processing.RequestStream`), cancellation (a consumer that stops iterating, or is cancelled,
+aborts its request, which frees its KV blocks), reading the engine's metrics between steps, and
+surviving a failed step (its requests end with the error; the loop goes on).
 Does not know: HTTP, scheduling or tensors; prompts and deltas are `processing.py`'s, shared
 with `LLM`. Engine state is only touched between steps, from the event loop's thread, so no
 locks are needed.
@@ -17,12 +18,15 @@ locks are needed.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import AsyncIterator
 
 from memlm.entrypoints.processing import OutputAccumulator, RequestDelta, RequestStream
 from memlm.errors import RequestError
 from memlm.outputs import RequestOutput, StreamChunk
 from memlm.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class AsyncLLM:
@@ -39,6 +43,8 @@ class AsyncLLM:
         self._pending_aborts: list[str] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._stepping = False                  # a step runs in the worker thread right now
+        self._metrics_waiters: list[asyncio.Future] = []
 
     def _ensure_loop(self) -> None:
         if self._task is None or self._task.done():
@@ -65,7 +71,16 @@ class AsyncLLM:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            changed = await asyncio.to_thread(self.engine.step)
+            self._stepping = True
+            try:
+                changed = await asyncio.to_thread(self.engine.step)
+            except Exception as e:     # a bug, not a user error: fail what is in flight, go on
+                logger.exception("engine step failed")
+                self._fail_live(f"the engine step failed ({type(e).__name__}: {e})")
+                continue
+            finally:
+                self._stepping = False
+                self._answer_metrics()
             for req in changed:
                 entry = self._streams.get(req.request_id)
                 if entry is not None:
@@ -75,9 +90,37 @@ class AsyncLLM:
                 if req.finished:
                     self._release(req.request_id)
 
-    async def _deltas(self, req) -> AsyncIterator[RequestDelta]:
-        """Hand `req` to the engine loop and yield its deltas until it finishes; abort it if the
-        consumer goes away first."""
+    def _fail_live(self, message: str) -> None:
+        """End every request in the engine with `message` (their consumers see a final, failed
+        delta) and free their blocks, so no consumer waits forever on a loop that failed."""
+        for rid in list(self._live):
+            self.engine.abort(rid)
+            entry = self._streams.get(rid)
+            if entry is not None:
+                entry[1].put_nowait(RequestDelta(rid, [], finished=True, error=message))
+            self._release(rid)
+
+    async def get_metrics(self):
+        """The engine's metrics, read between steps (never while the worker thread mutates the
+        engine): at once when no step runs, else as soon as the running one ends. None for
+        engines without metrics."""
+        if not self._stepping:
+            return self.engine.metrics
+        waiter = asyncio.get_running_loop().create_future()
+        self._metrics_waiters.append(waiter)
+        return await waiter
+
+    def _answer_metrics(self) -> None:
+        if self._metrics_waiters:
+            m, waiters, self._metrics_waiters = self.engine.metrics, self._metrics_waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(m)
+
+    async def deltas(self, req) -> AsyncIterator[RequestDelta]:
+        """Hand a prepared Request (from `self.processor.make_request`) to the engine loop and
+        yield its deltas until it finishes; abort it if the consumer goes away first. The HTTP
+        server uses this to validate and count prompts itself before submitting them."""
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[req.request_id] = (RequestStream(req), queue)
         self._live.add(req.request_id)
@@ -105,7 +148,7 @@ class AsyncLLM:
         """
         req = self.processor.make_request(self.processor.one(prompt, chat), sampling_params)
         acc = OutputAccumulator(req)
-        async for delta in self._deltas(req):
+        async for delta in self.deltas(req):
             yield acc.add(delta)
 
     async def stream(self, prompt, sampling_params: SamplingParams | None = None,
@@ -116,7 +159,7 @@ class AsyncLLM:
             RequestError: the request failed (e.g. its prompt does not fit the context).
         """
         req = self.processor.make_request(self.processor.one(prompt, chat), sampling_params)
-        async for delta in self._deltas(req):
+        async for delta in self.deltas(req):
             for chunk in delta.chunks:
                 yield chunk
             if delta.finished and delta.error:
@@ -147,3 +190,4 @@ class AsyncLLM:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        self._answer_metrics()

@@ -26,7 +26,7 @@ from memlm.models.registry import DEFAULT_MODEL
 from memlm.outputs import RequestOutput, StreamChunk
 from memlm.sampling import SamplingParams
 
-WEIGHT_DTYPES = ("fp32", "bf16")          # linear methods LLM offers (`memlm.models.linear`)
+WEIGHT_DTYPES = ("fp32", "bf16", "int8", "int4")   # linear methods LLM offers (`memlm.models.linear`)
 
 
 def default_device() -> torch.device:
@@ -82,10 +82,15 @@ class LLM:
         engine: a name in `ENGINES`: "paged" (continuous batching, the default) or "reference"
             (one sequence at a time, the test oracle; refuses a memory budget).
         num_threads: CPU threads for torch and the native kernel (None: torch's default).
-        weight_dtype: weights and matmuls, "fp32" or "bf16" (`models/linear/bf16.py`: bf16
-            weights, fp32 activations; "float32" / "bfloat16" accepted). "auto" = bf16 where bf16
-            matmuls measure 2x faster than fp32 (AMX CPUs, GPUs) for the paged engine and a
-            model loaded by name, else fp32. `dtype` is an alias keyword.
+        weight_dtype: weights and matmuls, "fp32", "bf16" (`models/linear/bf16.py`: bf16
+            weights, fp32 residual stream; "float32" / "bfloat16" accepted), "int8" (one scale
+            per output row) or "int4" (4-bit groups, see weight_group_size), both quantized
+            on load and run with bf16 activations on the CPU (`models/linear/int8.py`,
+            `int4.py`). "auto" = bf16 where bf16 matmuls measure 2x faster than fp32 (AMX
+            CPUs, GPUs) for the paged engine and a model loaded by name, else fp32. `dtype` is
+            an alias keyword.
+        weight_group_size: inputs per 4-bit scale for weight_dtype "int4" (32, 64, 128 or
+            256; None: 32).
         max_num_seqs, max_num_batched_tokens, block_size, kv_dtype, num_kv_blocks: engine knobs
             (see `memlm.engine.config.EngineConfig`).
     """
@@ -93,7 +98,7 @@ class LLM:
     def __init__(self, model=DEFAULT_MODEL, memory_budget: str | int | None = None,
                  device: str | None = None, engine: str = "paged", verbose: bool = True,
                  num_threads: int | None = None, weight_dtype: str = dtypes.AUTO, *,
-                 dtype: str | None = None, **engine_kwargs):
+                 dtype: str | None = None, weight_group_size: int | None = None, **engine_kwargs):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {tuple(ENGINES)}, got {engine!r}")
         kind = ENGINES[engine]
@@ -114,12 +119,13 @@ class LLM:
             weight_dtype = "bf16" if by_name and engine == "paged" and bf16_matmul_is_fast(self.device) \
                 else "fp32"
         self.weight_dtype = weight_dtype
-        self.dtype = dtypes.to_torch(weight_dtype)
+        self.weight_options = {"group_size": weight_group_size} if weight_group_size is not None else {}
         self.loaded = self._load(model)
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.model = self.loaded.model
-        if self.model.embed.weight.device != self.device:
+        self.dtype = self.model.linear_method.inner_dtype     # activations inside the blocks
+        if next(self.model.parameters()).device != self.device:
             self.model.to(self.device)
         eos = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or self.config.eos_token_ids)
         self.eos_token_ids = eos
@@ -134,13 +140,15 @@ class LLM:
         with self.budget.loading() if self.budget is not None else contextlib.nullcontext():
             if isinstance(model, str):
                 from memlm.loading import estimate_load_bytes, load_model
-                size = estimate_load_bytes(model) if self.budget is not None else None
+                size = (estimate_load_bytes(model, self.weight_dtype, **self.weight_options)
+                        if self.budget is not None else None)
                 if size is not None:
                     self.budget.check_load_fits(*size, what=model)
-                return load_model(model, weight_dtype=self.weight_dtype, device=self.device)
+                return load_model(model, weight_dtype=self.weight_dtype, device=self.device,
+                                  **self.weight_options)
             if self.weight_dtype != "fp32":
                 from memlm.models.linear import set_weight_dtype
-                set_weight_dtype(model.model, self.weight_dtype, self.device)
+                set_weight_dtype(model.model, self.weight_dtype, self.device, **self.weight_options)
                 model.weight_bytes = model.model.weight_bytes()    # the caller's LoadedModel too
         return model
 

@@ -9,17 +9,18 @@ linear method asked for. Does not know: file formats (`gguf.py`, `hf.py`), token
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from pathlib import Path
 
 import torch
 
-from memlm import dtypes
 from memlm.errors import ModelLoadError
 from memlm.loading.base import LoadedModel
 from memlm.loading.gguf import load_gguf
 from memlm.loading.hf import PICKLE_SUFFIXES, load_hf_dir, refuse_pickle
 from memlm.loading.tokenizer import IncrementalDetokenizer, Tokenizer
-from memlm.models.linear import DEFAULT_WEIGHT_DTYPE, available_weight_dtypes, set_weight_dtype
+from memlm.models.linear import DEFAULT_WEIGHT_DTYPE, get_linear_method
 from memlm.models.registry import DEFAULT_MODEL, is_preset, known_names, resolve_preset
 
 __all__ = ["DEFAULT_MODEL", "IncrementalDetokenizer", "LoadedModel", "Tokenizer", "estimate_load_bytes",
@@ -37,15 +38,26 @@ def _resolve(name_or_path: str | Path) -> Path:
     return path
 
 
-def estimate_load_bytes(name_or_path: str | Path, dtype=torch.float32) -> tuple[int, int] | None:
-    """(weights, largest tensor) in bytes once loaded as `dtype`, read from the file headers only.
+# Tensors held as lookup tables / the LM head (by GGUF, HF or memlm name): quantized methods
+# keep them as int8 rows, whatever their projections' codec.
+_TABLE_RE = re.compile(r"(^|\.)(token_embd|position_embd|output|embed_tokens|embed|pos_embed|lm_head|wte|wpe)"
+                       r"\.weight$")
+
+
+def estimate_load_bytes(name_or_path: str | Path, weight_dtype=DEFAULT_WEIGHT_DTYPE,
+                        **options) -> tuple[int, int] | None:
+    """(weights, largest tensor) in bytes once loaded as `weight_dtype` (its linear method's
+    `stored_bytes`), read from the file headers only. The second is the loader's transient
+    copy: the tensor as stored for fp32, the largest tensor in fp32 for every other method
+    (each is dequantized to fp32 before it is converted).
 
     None when the source cannot be sized this way (the loader then reports what is wrong).
     Used to refuse a load that could not fit a memory budget before any weight is read.
+    options: the method's settings (int4: group_size).
     """
     path = _resolve(name_or_path)
-    elem = torch.empty((), dtype=dtype).element_size()
-    sizes: list[int] = []
+    method = get_linear_method(weight_dtype, torch.device("cpu"), **options)
+    shapes: dict[str, tuple[int, ...]] = {}
     try:
         if path.is_dir():
             import json
@@ -54,48 +66,50 @@ def estimate_load_bytes(name_or_path: str | Path, dtype=torch.float32) -> tuple[
                 with open(f, "rb") as fh:
                     (n,) = struct.unpack("<Q", fh.read(8))
                     header = json.loads(fh.read(n))
-                for name, info in header.items():
-                    if name != "__metadata__":
-                        sizes.append(int(torch.Size(info["shape"]).numel()))
+                shapes.update({name: tuple(info["shape"]) for name, info in header.items()
+                               if name != "__metadata__"})
         elif path.is_file() and path.suffix not in PICKLE_SUFFIXES:
             from memlm.loading.gguf import open_gguf
-            sizes = [int(torch.Size(t.shape).numel()) for t in open_gguf(path).tensors.values()]
+            shapes = {name: tuple(t.shape) for name, t in open_gguf(path).tensors.items()}
     except (OSError, ValueError, KeyError, ModelLoadError):
         return None
-    if not sizes:
+    if not shapes:
         return None
-    return sum(sizes) * elem, max(sizes) * elem
+    weights = sum(method.stored_bytes(shape, bool(_TABLE_RE.search(name))) for name, shape in shapes.items())
+    numel = max(math.prod(shape) for shape in shapes.values())
+    largest = method.stored_bytes((numel,), False) if method.name == DEFAULT_WEIGHT_DTYPE else numel * 4
+    return weights, largest
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, weight_dtype=DEFAULT_WEIGHT_DTYPE,
-               device=None) -> LoadedModel:
+               device=None, **options) -> LoadedModel:
     """Load a preset name ("smollm2-135m-instruct"), a .gguf file, or a model directory.
 
     Args:
-        weight_dtype: the linear method of the model ("fp32", "bf16"; aliases such as
-            "bfloat16" accepted). Weights are read as fp32 and then converted layer by layer.
+        weight_dtype: the linear method of the model ("fp32", "bf16", "int8", "int4"; aliases
+            such as "bfloat16" accepted). Weights are read as fp32; for any other method each
+            part (a decoder layer, an embedding) is converted as soon as it is read, so the
+            peak stays near the converted model plus one part in fp32.
         device: where the weights are loaded and the model will run (None: CPU); the bf16
-            method prepacks for the CPU only.
+            method prepacks for the CPU only, int8 / int4 run on the CPU only.
+        options: the method's settings (int4: group_size).
     Raises:
         ModelLoadError (or UnsupportedModelError): with a one-line message saying what to do.
-        ValueError: a weight dtype memlm has no linear method for.
+        ValueError: a weight dtype memlm has no linear method for, or an option it does not take.
     """
-    name = dtypes.parse(weight_dtype, allowed=available_weight_dtypes(), what="weight dtype")
     device = torch.device(device if device is not None else "cpu")
-    loaded = _load_fp32(name_or_path, device)             # fp32 first: norms and biases stay exact
-    if name == DEFAULT_WEIGHT_DTYPE:
-        return loaded
-    set_weight_dtype(loaded.model, name, device)
+    method = get_linear_method(weight_dtype, device, **options)
+    loaded = _load(name_or_path, device, None if method.name == DEFAULT_WEIGHT_DTYPE else method)
     return dataclasses.replace(loaded, weight_bytes=loaded.model.weight_bytes())
 
 
-def _load_fp32(name_or_path: str | Path, device: torch.device) -> LoadedModel:
+def _load(name_or_path: str | Path, device: torch.device, method) -> LoadedModel:
     text = str(name_or_path)
     path = _resolve(text)
     if path.is_dir():
-        return load_hf_dir(path, device=device)
+        return load_hf_dir(path, device=device, method=method)
     if path.suffix == ".gguf" or (path.is_file() and path.suffix not in PICKLE_SUFFIXES):
-        return load_gguf(path, device=device)
+        return load_gguf(path, device=device, method=method)
     if path.suffix in PICKLE_SUFFIXES:
         if path.is_file():
             refuse_pickle(path)

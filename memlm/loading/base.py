@@ -2,7 +2,8 @@
 
 Owns: `LoadedModel` and `WeightSink`, which builds a `Transformer` with uninitialised storage
 (`init_weights=False`: no random init, no second copy of the weights, no meta device) and fills
-it one named tensor at a time, checking shapes and that nothing was left unfilled.
+it one named tensor at a time, checking shapes and that nothing was left unfilled; given a
+linear method, it converts each part (a decoder layer, an embedding) as soon as it is filled.
 Does not know: file formats or name mappings (`gguf.py`, `hf.py` translate names to memlm's).
 """
 from __future__ import annotations
@@ -56,9 +57,14 @@ class WeightSink:
     device; peak memory while loading is the final weights plus the one tensor being converted.
     (Building on the `meta` device does the same but imports torch's meta-tensor machinery,
     sympy included: +80 MB of resident memory for the life of the process.)
+
+    method: a linear method (int8, int4, ...) to convert each part (`Transformer.weight_parts`)
+    to as soon as all its tensors are in, its fp32 storage freed: the peak is then the
+    converted model plus one part in fp32, not the whole fp32 model. None: keep fp32.
     """
 
-    def __init__(self, cfg: ModelConfig, *, device="cpu", dtype=torch.float32, source: str = ""):
+    def __init__(self, cfg: ModelConfig, *, device="cpu", dtype=torch.float32, source: str = "",
+                 method=None):
         self.source = source
         model = Transformer(cfg, init_weights=False)
         for p in model.parameters():
@@ -66,6 +72,12 @@ class WeightSink:
         self.model = model
         self.params = dict(self.model.named_parameters())
         self.filled: set[str] = set()
+        self.method = method
+        self.pending: dict[str, set[str]] = {}          # part -> its parameters not filled yet
+        if method is not None:
+            for part in model.weight_parts():
+                self.pending[part] = {n for n in self.params if n.startswith(part + ".")}
+        self.converted: set[str] = set()
 
     def put(self, name: str, value: torch.Tensor) -> None:
         """Copy `value` into parameter `name` (memlm naming), converting dtype and device."""
@@ -76,11 +88,28 @@ class WeightSink:
         if tuple(param.shape) != tuple(value.shape):
             raise ModelLoadError(f"{self.source}: tensor {name!r} has shape {tuple(value.shape)}, the config "
                                  f"implies {tuple(param.shape)}; the checkpoint and its config disagree")
-        with torch.no_grad():
-            param.copy_(value)
+        part = next((p for p, names in self.pending.items() if name in names), None)
+        last = part is not None and self.pending[part] == {name}
+        if last and param.dim() >= 2 and value.dtype == param.dtype and value.device == param.device:
+            param.data = value           # converted at once: no fp32 staging copy (tables: ~100 MB)
+        else:
+            with torch.no_grad():
+                param.copy_(value)
         self.filled.add(name)
+        if part is not None:
+            self.pending[part].discard(name)
+        if last:
+            self._convert(part)
         if value.numel() >= 1 << 18:   # big temporaries just died: give their pages back
             release_free_heap()
+
+    def _convert(self, part: str) -> None:
+        del self.pending[part]
+        with torch.no_grad():
+            self.model.process_part(part, self.method)
+        self.converted.add(part)
+        for n in [n for n in self.params if n.startswith(part + ".")]:
+            del self.params[n]                    # drop the sink's references to the fp32 tensors
 
     def finish(self) -> Transformer:
         """Check every parameter was filled; return the model in eval mode without gradients."""
@@ -91,4 +120,9 @@ class WeightSink:
                                  "the file is incomplete or not the architecture its config names")
         self.model.eval()
         self.model.requires_grad_(False)
+        if self.method is not None:
+            self.model.linear_method = self.method
+            with torch.no_grad():
+                self.model.process_weights_after_loading(done=self.converted)
+            release_free_heap()
         return self.model

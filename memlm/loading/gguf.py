@@ -171,8 +171,9 @@ def _load_tensor(sink: WeightSink, cfg: ModelConfig, f: GGUFFile, tensor: Tensor
     sink.put(target, torch.from_numpy(w))
 
 
-def load_gguf(path, device="cpu", dtype=torch.float32) -> LoadedModel:
-    """Load a GGUF file into a memlm `Transformer` (weights dequantized to `dtype`).
+def load_gguf(path, device="cpu", dtype=torch.float32, method=None) -> LoadedModel:
+    """Load a GGUF file into a memlm `Transformer` (weights dequantized to `dtype`; with a linear
+    `method`, each part converted to it as soon as it is read, see `WeightSink`).
 
     Raises:
         ModelLoadError: missing, non-GGUF, truncated or inconsistent file.
@@ -191,7 +192,7 @@ def load_gguf(path, device="cpu", dtype=torch.float32) -> LoadedModel:
     except Exception as e:  # ModelConfig's ValueError, tokenizers' Exception on bad merges, ...
         raise ModelLoadError(f"{f.path}: GGUF metadata describes an invalid model or tokenizer "
                              f"({type(e).__name__}: {e}); re-convert it with a current llama.cpp") from e
-    sink = WeightSink(cfg, device=device, dtype=dtype, source=str(f.path))
+    sink = WeightSink(cfg, device=device, dtype=dtype, source=str(f.path), method=method)
     permute = cfg.arch == "llama"
     with warnings.catch_warnings():    # F32 tensors are read-only views of the mapped file
         warnings.simplefilter("ignore", UserWarning)

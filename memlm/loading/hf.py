@@ -168,8 +168,9 @@ def _fill(sink: WeightSink, cfg: ModelConfig, files: list[Path], table: dict | N
             sink.put(target, t)
 
 
-def load_hf_dir(path, device="cpu", dtype=torch.float32) -> LoadedModel:
-    """Load a Hugging Face (config.json + safetensors) or memlm (memlm_config.json) directory.
+def load_hf_dir(path, device="cpu", dtype=torch.float32, method=None) -> LoadedModel:
+    """Load a Hugging Face (config.json + safetensors) or memlm (memlm_config.json) directory
+    (with a linear `method`, each part converted to it as soon as it is read, see `WeightSink`).
 
     Raises:
         ModelLoadError: missing files, pickle checkpoints, corrupt safetensors.
@@ -203,7 +204,7 @@ def load_hf_dir(path, device="cpu", dtype=torch.float32) -> LoadedModel:
         raise ModelLoadError(f"{path} has neither config.json nor memlm_config.json: it is not a model directory")
     files = _safetensors_files(path)
     tokenizer = Tokenizer.from_hf_dir(path)
-    sink = WeightSink(cfg, device=device, dtype=dtype, source=str(path))
+    sink = WeightSink(cfg, device=device, dtype=dtype, source=str(path), method=method)
     _fill(sink, cfg, files, table)
     model = sink.finish()
     return LoadedModel(config=cfg, model=model, tokenizer=tokenizer, source=str(path), format=fmt,

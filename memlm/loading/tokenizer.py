@@ -103,6 +103,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The `tokenizers` JSON of this tokenizer (what grammar engines build their view from)."""
+        return self._tk.to_str()
+
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else (self.id_to_token(token_id) or "")
 

@@ -87,21 +87,42 @@ class Transformer(nn.Module):
         head = self.lm_head_module
         return head.method.logits(head, hidden)
 
-    def process_weights_after_loading(self) -> None:
+    def weight_parts(self) -> dict[str, nn.Module]:
+        """The units a linear method converts at once, keyed by their parameters' name prefix:
+        each decoder layer (its projections fuse), the embeddings, an untied LM head."""
+        parts: dict[str, nn.Module] = {f"layers.{i}": layer for i, layer in enumerate(self.layers)}
+        parts["embed"] = self.embed
+        if self.cfg.position == "learned":
+            parts["pos_embed"] = self.pos_embed
+        if not self.cfg.tie_word_embeddings:
+            parts["lm_head"] = self.lm_head
+        return parts
+
+    def process_part(self, name: str, method: LinearMethod) -> None:
+        """Convert one loaded part (`weight_parts`) to `method`, its fp32 weights replaced."""
+        part = self.weight_parts()[name]
+        if name == "lm_head":
+            part.method = method
+            method.process_lm_head(part)
+        elif isinstance(part, Embedding):
+            part.process(method)
+        else:
+            part.process_weights(method)
+
+    def process_weights_after_loading(self, done: set[str] = frozenset()) -> None:
         """Let the linear method turn the loaded weights into its format (fuse, cast, prepack).
 
-        Layer by layer, each converted weight replacing its fp32 one, so the peak is the model
-        as loaded plus one layer.
+        Part by part, each converted weight replacing its fp32 one, so the peak is the model
+        as loaded plus one layer. done: parts a loader converted already, as each was filled
+        (`memlm.loading.base.WeightSink`), which keeps the peak near the converted model.
         """
         method = self.linear_method
-        for layer in self.layers:
-            layer.process_weights(method)
-        for emb in (self.embed, getattr(self, "pos_embed", None)):
-            if emb is not None:
-                emb.process(method)
-        head = self.lm_head_module
-        head.method = method
-        method.process_lm_head(head)
+        for name in self.weight_parts():
+            if name not in done:
+                self.process_part(name, method)
+        if self.cfg.tie_word_embeddings:
+            self.embed.method = method
+            method.process_lm_head(self.embed)
         method.process_model(self)
 
     def convert_weights(self, method: LinearMethod) -> None:

@@ -1,5 +1,5 @@
 """The `memlm` command line: one module per command group — `generate.py` (generate, chat),
-`info.py`, `bench.py`, `train.py` (train, distill, eval) — with shared flags in `args.py`.
+`info.py`, `bench.py`, `serve.py`, `train.py` (train, distill, eval) — with shared flags in `args.py`.
 
 Owns: building the parser from the groups' `add_commands(subparsers)`, and turning user errors
 into one line on stderr with a non-zero exit code. Does not know: what any command does.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from memlm.entrypoints.cli import bench, generate, info
+from memlm.entrypoints.cli import bench, generate, info, serve
 from memlm.errors import MemlmError
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_commands(sub)
     info.add_commands(sub)
     bench.add_commands(sub)
+    serve.add_commands(sub)
     try:
         from memlm.entrypoints.cli.train import add_commands as add_training
     except ImportError:       # a trimmed install without the training extras

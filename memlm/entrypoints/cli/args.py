@@ -21,7 +21,8 @@ TOP_P = 1.0
 TOP_K = 0
 
 # Engine knobs the flags below may set, by their EngineConfig / LLM keyword.
-ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "kv_dtype", "num_threads", "weight_dtype")
+ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "kv_dtype", "num_threads", "weight_dtype",
+                "weight_group_size")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    metavar="{" + ",".join([dtypes.AUTO, *WEIGHT_DTYPES]) + "}",
                    choices=dtypes.choices(WEIGHT_DTYPES, allow_auto=True),
                    help="weights and matmuls (default auto: bf16 where bf16 matmuls are fast here, "
-                        "else fp32)")
+                        "else fp32); int8 / int4 quantize the weights on load (CPU)")
+    from memlm.kernels.quant import INT4_DEFAULT_GROUP, INT4_GROUP_SIZES
+    p.add_argument("--weight-group-size", type=int, default=None, choices=INT4_GROUP_SIZES,
+                   help=f"inputs per scale of int4 weights (default {INT4_DEFAULT_GROUP})")
     p.add_argument("--threads", dest="num_threads", type=int, default=None,
                    help="CPU threads (default: torch's choice; 1 can be faster on a busy machine)")
 

@@ -21,7 +21,7 @@ def cmd_info(args) -> int:
     else:
         from memlm.loading import load_model
         kwargs = {"weight_dtype": args.weight_dtype} if args.weight_dtype not in (None, "auto") else {}
-        loaded = load_model(args.model, **kwargs)
+        loaded = load_model(args.model, group_size=args.weight_group_size, **kwargs)
     cfg = loaded.config
     print(f"model:        {args.model}")
     print(f"source:       {loaded.source} ({loaded.format})")
@@ -31,6 +31,9 @@ def cmd_info(args) -> int:
           f"vocab {cfg.vocab_size}, {'tied' if cfg.tie_word_embeddings else 'untied'} embeddings")
     print(f"parameters:   {loaded.model.num_parameters():,}")
     print(f"weights:      {format_size(loaded.weight_bytes)} as held in memory ({loaded.weight_bytes:,} bytes)")
+    model = loaded.model
+    by_codec = sorted(model.linear_method.bytes_by_codec(model).items(), key=lambda kv: -kv[1])
+    print("  by codec:   " + ", ".join(f"{label} {format_size(n)}" for label, n in by_codec))
     print(f"kv cache:     {format_size(cfg.kv_bytes_per_token)} per token (fp32)")
     if llm is not None:
         print(f"memory plan (--memory-budget {args.memory_budget}):")

@@ -21,7 +21,10 @@ import math
 import torch
 import torch.nn as nn
 
+from memlm import dtypes
+
 METHODS: dict[str, type["LinearMethod"]] = {}   # canonical weight dtype -> method class
+DTYPE_NAMES = {t: n for n, t in dtypes.TORCH.items()}
 
 
 def register(cls: type["LinearMethod"]) -> type["LinearMethod"]:
@@ -39,9 +42,11 @@ class LinearMethod:
             block (q/k/v heads, the MLP's inner activation); the residual stream stays fp32.
         fused_layers: decoder layers that qualify take `DecoderLayer._forward_fused` (norms,
             RoPE and SwiGLU in single bf16 passes) instead of the plain forward.
+        options: keyword settings the constructor takes besides `device` (int4: group_size).
     """
 
     name = ""
+    options: tuple[str, ...] = ()
     inner_dtype = torch.float32
     fused_layers = False
 
@@ -111,6 +116,32 @@ class LinearMethod:
 
     def warm_up(self, model: nn.Module, max_rows: int) -> None:
         """Create any per-shape state the format keeps (resident), for row counts 1..max_rows."""
+
+    def bytes_by_codec(self, model: nn.Module) -> dict[str, int]:
+        """Bytes of weights as held (`Transformer.weight_bytes`), by codec ("int4 g32", "int8",
+        "fp32", "bf16 prepacked", ...), for `memlm info`."""
+        out: dict[str, int] = {}
+        seen: set[int] = set()
+        for mod in model.modules():
+            for name, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+                if t.data_ptr() in seen:
+                    continue
+                seen.add(t.data_ptr())
+                label = self.codec_label(mod, name, t)
+                out[label] = out.get(label, 0) + t.numel() * t.element_size()
+        outside = self.held_outside_parameters(model)[1]
+        if outside:
+            out[f"{self.name} prepacked"] = out.get(f"{self.name} prepacked", 0) + outside
+        return out
+
+    def codec_label(self, module: nn.Module, name: str, tensor: torch.Tensor) -> str:
+        """The codec a tensor of `module` belongs to; default: its dtype's name."""
+        return DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype).replace("torch.", ""))
+
+    def stored_bytes(self, shape: tuple[int, ...], table: bool) -> int:
+        """Bytes this format holds for a checkpoint tensor of `shape` (out, in) once loaded;
+        table: an embedding or LM head. Default: fp32. Sizes a load before it starts."""
+        return math.prod(shape) * 4
 
     def held_outside_parameters(self, model: nn.Module) -> tuple[int, int]:
         """(elements, bytes) of weights the format holds in tensors that are not Parameters or

@@ -14,6 +14,8 @@ ask (`fuse`, `set_out_dtype`); the fused layer forward is `DecoderLayer._forward
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -212,6 +214,9 @@ class Bf16Method(LinearMethod):
                     m(torch.zeros(b, m.in_features, dtype=torch.bfloat16))
                 if has_head:
                     model.compute_logits(torch.zeros(b, head.shape[1]))
+
+    def stored_bytes(self, shape: tuple[int, ...], table: bool) -> int:
+        return math.prod(shape) * (2 if len(shape) >= 2 else 4)      # norms and biases stay fp32
 
     def held_outside_parameters(self, model: nn.Module) -> tuple[int, int]:
         elements = sum(m.out_features * m.in_features for m in model.modules()

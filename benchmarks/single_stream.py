@@ -1,0 +1,156 @@
+"""Single-stream decode: memlm at each weight dtype vs HF transformers, one request at a time.
+
+The embedded SmolLM2, batch 1, greedy, a 32-token prompt and 256 new tokens (ignore_eos), 2
+threads. Every engine runs in its own subprocess (peak RSS from the kernel through wait4),
+one after another in the same invocation, after a short warm-up generation in the same process.
+Decode tok/s counts the tokens after the first over the time after the first; time to first
+token (TTFT) is the prompt's prefill plus the first token. llama.cpp is not run here yet.
+
+    python benchmarks/single_stream.py                       # memlm fp32 bf16 int8 int4 g32/g128 + hf
+    python benchmarks/single_stream.py --engines int8,int4 --new-tokens 64
+    python benchmarks/single_stream.py --min-budget           # + the smallest budget per weight dtype
+
+memlm runs with `--memory-budget` (default 1GiB) and a KV pool capped at 32 blocks (512
+tokens, room for the prompt and the reply), like a llama.cpp context of 512.
+`--min-budget` bisects, per memlm weight dtype, the smallest `--memory-budget` (to 16 MiB)
+with which `memlm generate --chat` completes a short reply.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes "
+          "Gutenberg combined movable metal type with an oil-based ink and a screw press, and")
+ENGINES = {  # name -> (kind, weight dtype, int4 group size)
+    "fp32": ("memlm", "fp32", None), "bf16": ("memlm", "bf16", None), "int8": ("memlm", "int8", None),
+    "int4": ("memlm", "int4", 32), "int4-g128": ("memlm", "int4", 128), "hf": ("hf", "fp32", None),
+}
+
+
+def memlm_worker(args) -> dict:
+    from memlm import LLM, SamplingParams
+    _, weight_dtype, group = ENGINES[args.worker]
+    llm = LLM("smollm2-135m-instruct", memory_budget=args.budget, verbose=False, weight_dtype=weight_dtype,
+              weight_group_size=group, num_threads=args.threads, max_num_seqs=1, num_kv_blocks=32)
+    ids = llm.tokenizer.encode(PROMPT)[:args.prompt_tokens]
+    llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    start, first, n = time.perf_counter(), None, 0
+    for chunk in llm.stream({"prompt_token_ids": ids}, params):
+        n += len(chunk.token_ids)
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft": first - start, "decode_tok_s": (n - 1) / (end - first), "tokens": n,
+            "weight_bytes": llm.loaded.weight_bytes}
+
+
+def hf_worker(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from throughput import hf_dir
+    torch.set_num_threads(args.threads)
+    path = hf_dir("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer.json").exists() else None
+    from memlm.loading import load_model
+    ids = (tok(PROMPT)["input_ids"] if tok is not None else
+           load_model("smollm2-135m-instruct").tokenizer.encode(PROMPT))[:args.prompt_tokens]
+    x = torch.tensor([ids])
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t
+    run(8)
+    ttft, total = run(1), run(args.new_tokens)
+    return {"ttft": ttft, "decode_tok_s": (args.new_tokens - 1) / (total - ttft), "tokens": args.new_tokens}
+
+
+def run_engine(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--threads", str(args.threads), "--budget", args.budget,
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if status != 0 or not lines:
+        return {"error": f"exit status {status >> 8}"}
+    return dict(json.loads(lines[-1]), peak_rss=usage.ru_maxrss * 1024)
+
+
+def completes(weight_dtype: str, group, budget_mib: int) -> bool:
+    """Does `memlm generate --chat` finish a short reply inside `budget_mib`?"""
+    cmd = [sys.executable, "-m", "memlm", "generate", "--chat", "What is the capital of France?",
+           "--max-tokens", "16", "--memory-budget", f"{budget_mib}MiB", "--weight-dtype", weight_dtype]
+    if group:
+        cmd += ["--weight-group-size", str(group)]
+    return subprocess.run(cmd, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT))).returncode == 0
+
+
+def min_budget(weight_dtype: str, group, lo: int = 256, hi: int = 2048) -> int | None:
+    """Smallest budget in MiB (to 16 MiB) that completes a reply, or None if even `hi` fails."""
+    if not completes(weight_dtype, group, hi):
+        return None
+    while hi - lo > 16:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if completes(weight_dtype, group, mid) else (mid, hi)
+    return hi
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated: " + ", ".join(ENGINES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget", default="1GiB", help="memlm's --memory-budget (default %(default)s)")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--min-budget", action="store_true", help="also bisect the smallest budget per dtype")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        res = hf_worker(args) if ENGINES[args.worker][0] == "hf" else memlm_worker(args)
+        print(json.dumps(res))
+        return
+    names = [n.strip() for n in args.engines.split(",") if n.strip()]
+    bad = [n for n in names if n not in ENGINES]
+    if bad:
+        sys.exit(f"error: unknown engine {bad[0]!r}; choose from {', '.join(ENGINES)}")
+    print(f"# single stream: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, "
+          f"{args.threads} threads", flush=True)
+    rows = {}
+    for name in names:
+        r = rows[name] = run_engine(name, args)
+        if "error" in r:
+            print(f"  {name:<10} {r['error']}", flush=True)
+            continue
+        print(f"  {name:<10} decode {r['decode_tok_s']:7.1f} tok/s  ttft {r['ttft'] * 1000:6.1f} ms  "
+              f"peak RSS {r['peak_rss'] / 2**20:6.0f} MiB" +
+              (f"  weights {r['weight_bytes'] / 2**20:.0f} MiB" if "weight_bytes" in r else ""), flush=True)
+    base = rows.get("bf16")
+    if base and "error" not in base:
+        for name, r in rows.items():
+            if name != "bf16" and "error" not in r:
+                print(f"  {name} / bf16: decode {r['decode_tok_s'] / base['decode_tok_s']:.2f}x, "
+                      f"peak RSS {r['peak_rss'] / base['peak_rss']:.2f}x", flush=True)
+    if args.min_budget:
+        for name in names:
+            kind, weight_dtype, group = ENGINES[name]
+            if kind == "memlm":
+                found = min_budget(weight_dtype, group)
+                print(f"  smallest budget completing a chat reply, {name}: "
+                      f"{f'{found} MiB' if found else 'over 2048 MiB'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

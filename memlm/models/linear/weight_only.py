@@ -1,0 +1,136 @@
+"""What the weight-only quantized methods (`int8.py`, `int4.py`) share.
+
+Owns: quantizing each projection as it is processed (its fp32 weight freed as soon as the codes
+exist, so converting peaks at the model as loaded plus one layer), fusing q/k/v and gate/up (the
+fp32 parts are concatenated, then quantized once), biases and output dtypes, and the token
+embedding kept int8 (one scale per row: a lookup dequantizes only the rows it reads), which is
+also the tied LM head, run through the int8 kernel (an untied head is quantized the same way).
+Activations enter the kernels in bf16 and the decoder layers take the fused bf16 path
+(`DecoderLayer._forward_fused`), as with bf16 weights; the residual stream stays fp32.
+Does not know: a projection codec's layout or kernel — a subclass packs (`pack`), multiplies
+(`matmul`) and dequantizes (`dequantized_weight`) its own (`memlm.kernels.quant`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from memlm.kernels import quant
+from memlm.models.linear.base import Embedding, Linear, LinearMethod
+
+
+class WeightOnlyMethod(LinearMethod):
+    """Per layer after processing: the codec's buffers (see the subclass), `weight` None,
+    `bias` in `out_dtype`, `out_dtype` (fp32 where y joins the residual stream, bf16 where the
+    next consumer is bf16). Per embedding / tied head: `qweight` (V, K') int8 and `scales` (V,)."""
+
+    inner_dtype = torch.bfloat16
+    fused_layers = True
+    act_dtype = torch.bfloat16        # what the kernels read and write (their scales' dtype)
+
+    def __init__(self, device: torch.device | str | None = None):
+        super().__init__(device)
+        if self.device.type != "cpu":
+            raise ValueError(f"{self.name} weights run on the CPU only (torch's CPU kernels): use "
+                             f"weight_dtype bf16 on {self.device.type}")
+
+    # ---- the codec (subclasses) ------------------------------------------------------------
+    def pack(self, layer: Linear, weight: torch.Tensor) -> None:
+        """Quantize fp32 `weight` (out, in) into buffers on `layer`."""
+        raise NotImplementedError
+
+    def matmul(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """(M, in) act_dtype -> (M, out) act_dtype through the packed weight."""
+        raise NotImplementedError
+
+    def dequantized_weight(self, layer: Linear) -> torch.Tensor:
+        """The fp32 (out, in) weight `matmul` multiplies by (for tests and inspection)."""
+        raise NotImplementedError
+
+    def codec_bytes(self, out_features: int, in_features: int) -> int:
+        """Bytes `pack` holds for an (out, in) weight."""
+        raise NotImplementedError
+
+    def codec_label(self, module, name: str, tensor: torch.Tensor) -> str:
+        if name in ("qweight", "scales"):
+            return "int8"
+        return super().codec_label(module, name, tensor)
+
+    def stored_bytes(self, shape: tuple[int, ...], table: bool) -> int:
+        if len(shape) < 2:
+            return math.prod(shape) * 4                          # norms and biases stay fp32
+        n, k = shape[0], math.prod(shape[1:])
+        return quant.int8_bytes(n, k, self.act_dtype) if table else self.codec_bytes(n, k)
+
+    # ---- projections -----------------------------------------------------------------------
+    def _hold(self, layer: Linear, weight: torch.Tensor, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> None:
+        self.pack(layer, weight.detach())
+        layer.weight = None
+        layer.bias = None if bias is None else nn.Parameter(bias.detach().to(out_dtype), requires_grad=False)
+        layer.out_dtype = out_dtype
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        self._hold(layer, layer.weight, layer.bias, torch.float32)
+
+    def fuse(self, layers: list[Linear]) -> Linear:
+        weight = torch.cat([m.weight.detach().float() for m in layers])
+        biases = [m.bias for m in layers]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b.detach().float() if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, layers)])
+        fused = Linear(0, 0, False, self, init=False)            # holds nothing yet
+        fused.in_features, fused.out_features = weight.shape[1], weight.shape[0]
+        self._hold(fused, weight, bias, self.inner_dtype)
+        return fused
+
+    def set_out_dtype(self, layer: Linear, dtype: torch.dtype) -> None:
+        layer.out_dtype = dtype
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1]).to(self.act_dtype)                        # (M, K)
+        if x2.shape[0] == 0:
+            y = x2.new_empty(0, layer.out_features)
+        else:
+            y = self.matmul(layer, x2.contiguous())                               # (M, N)
+        y = y.to(layer.out_dtype)
+        y = y if layer.bias is None else y + layer.bias
+        return y.view(*lead, y.shape[-1])
+
+    # ---- embeddings and the LM head: int8 rows ----------------------------------------------
+    def _pack_rows(self, module: Linear | Embedding, weight: torch.Tensor) -> None:
+        w = quant.quantize_int8(weight.detach(), self.act_dtype)
+        module.register_buffer("qweight", w.qweight)
+        module.register_buffer("scales", w.scales)
+        module.weight = None
+
+    def process_embedding(self, emb: Embedding) -> None:
+        self._pack_rows(emb, emb.weight)
+
+    def embed(self, emb: Embedding, ids: torch.Tensor) -> torch.Tensor:
+        return quant.dequantize_int8(emb.qweight[ids], emb.scales[ids], emb.embedding_dim)
+
+    def process_lm_head(self, head: Linear | Embedding) -> None:
+        if isinstance(head, Linear):                  # untied: int8 like a tied one
+            self._pack_rows(head, head.weight)
+            head.out_dtype = torch.float32
+
+    def logits(self, head: Linear | Embedding, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, H) -> (n, vocab) fp32 through the int8 head (bf16 in, bf16-rounded out)."""
+        if hidden.shape[0] == 0:
+            return hidden.new_empty(0, head.qweight.shape[0], dtype=torch.float32)
+        x = hidden.to(self.act_dtype).contiguous()
+        return quant.int8_matmul(x, head.qweight, head.scales).float()
+
+    # ---- the model as a whole --------------------------------------------------------------
+    def held_outside_parameters(self, model: nn.Module) -> tuple[int, int]:
+        """Elements of the quantized weights (their bytes are buffers, counted already)."""
+        elements = sum(m.out_features * m.in_features for m in model.modules()
+                       if isinstance(m, Linear) and m.weight is None and m.method is self)
+        elements += sum(m.num_embeddings * m.embedding_dim for m in model.modules()
+                        if isinstance(m, Embedding) and m.weight is None)
+        return elements, 0

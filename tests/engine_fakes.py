@@ -63,3 +63,15 @@ def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = 256) ->
         L = int(torch.randint(lo, hi + 1, (1,), generator=g))
         out.append({"prompt_token_ids": torch.randint(0, vocab, (L,), generator=g).tolist()})
     return out
+
+
+def linear_holding(w: torch.Tensor, b: torch.Tensor | None, method):
+    """An fp32 `Linear` holding w (out, in) and b, then processed by `method` (as after loading)."""
+    from memlm.models.linear import Linear, get_linear_method
+    layer = Linear(w.shape[1], w.shape[0], b is not None, get_linear_method("fp32"))
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if b is not None:
+            layer.bias.copy_(b)
+    layer.process(method)
+    return layer

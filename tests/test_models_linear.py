@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import engine_fakes as ef
 
 import memlm.models.linear as linear
+from engine_fakes import linear_holding
 from memlm.models.linear import Embedding, Linear, bf16, get_linear_method, set_weight_dtype
 from memlm.models.linear.bf16 import Bf16Method, CastCache
 from memlm.models.linear.fp32 import Fp32Method
@@ -20,16 +21,6 @@ from memlm.models.transformer import Transformer
 
 MEMLM = Path(linear.__file__).resolve().parents[2]
 
-
-def _linear(w: torch.Tensor, b: torch.Tensor | None, method) -> Linear:
-    """An fp32 Linear holding w, b, then processed by `method` (as after loading)."""
-    layer = Linear(w.shape[1], w.shape[0], b is not None, get_linear_method("fp32"))
-    with torch.no_grad():
-        layer.weight.copy_(w)
-        if b is not None:
-            layer.bias.copy_(b)
-    layer.process(method)
-    return layer
 
 
 def test_the_factory_picks_the_method_by_weight_dtype_name():
@@ -123,12 +114,12 @@ def test_fp32_layers_keep_nn_linear_init_and_names():
 def test_bf16_linear_packed_equals_dense():
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(72, 40, generator=g), torch.nn.Linear(40, 72, bias=True).bias.detach()
-    layer = _linear(w, b, Bf16Method("cpu"))
+    layer = linear_holding(w, b, Bf16Method("cpu"))
     x = torch.randn(5, 40, generator=g)
     expected = F.linear(x.bfloat16(), w.bfloat16()).float() + b
     torch.testing.assert_close(layer(x), expected, rtol=1e-2, atol=1e-2)
     assert (layer.packed is None) == (layer.weight is not None)     # exactly one copy is held
-    dense = _linear(w, b, Bf16Method(torch.device("cuda")))           # what a GPU-bound model gets
+    dense = linear_holding(w, b, Bf16Method(torch.device("cuda")))           # what a GPU-bound model gets
     assert dense.packed is None and dense.weight.dtype == torch.bfloat16
     torch.testing.assert_close(dense(x), layer(x), rtol=0, atol=0)
 
@@ -183,7 +174,7 @@ def test_bf16_linear_fused_bias_and_gelu_post_op():
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(96, 32, generator=g) * 0.2, torch.randn(96, generator=g)
     method = Bf16Method("cpu")
-    layer = _linear(w, b, method)
+    layer = linear_holding(w, b, method)
     layer.set_out_dtype(torch.bfloat16)
     if layer.packed is None:
         pytest.skip("oneDNN weight packing is not available here")

@@ -8,21 +8,13 @@ import torch.nn.functional as F
 import engine_fakes as ef
 
 from memlm.kernels import quant
-from memlm.models.linear import Embedding, Linear, get_linear_method, set_weight_dtype
+from engine_fakes import linear_holding
+from memlm.models.linear import Embedding, get_linear_method, set_weight_dtype
 from memlm.models.linear.int4 import Int4Method
 from memlm.models.linear.int8 import Int8Method
 
 BF16 = torch.bfloat16
 
-
-def _linear(w: torch.Tensor, b: torch.Tensor | None, method) -> Linear:
-    layer = Linear(w.shape[1], w.shape[0], b is not None, get_linear_method("fp32"))
-    with torch.no_grad():
-        layer.weight.copy_(w)
-        if b is not None:
-            layer.bias.copy_(b)
-    layer.process(method)
-    return layer
 
 
 def _weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -62,7 +54,7 @@ def test_each_method_equals_dequantize_then_matmul(method_name, options, n, k):
     """Odd N, K not a multiple of the group (padded at pack time), batch 1..8 and large."""
     w, b = _weights(n, k, seed=1), torch.randn(n) * 0.1
     method = get_linear_method(method_name, **options)
-    layer = _linear(w, b, method)
+    layer = linear_holding(w, b, method)
     assert layer.weight is None
     deq = method.dequantized_weight(layer)                                           # (n, k) fp32
     half_step = w.abs().max() * (1 / 127 if method_name == "int8" else 1 / 15)     # range <= 2 max
@@ -83,7 +75,7 @@ def test_each_method_equals_dequantize_then_matmul(method_name, options, n, k):
 def test_fused_projections_quantize_the_concatenation():
     ws = [_weights(24, 64, seed=s) for s in range(3)]
     for method in (Int8Method(), Int4Method(group_size=32)):
-        parts = [_linear(w, None, get_linear_method("fp32")) for w in ws]
+        parts = [linear_holding(w, None, get_linear_method("fp32")) for w in ws]
         fused = method.fuse(parts)
         x = torch.randn(4, 64)
         assert fused(x).dtype == BF16 and fused(x).shape == (4, 72)

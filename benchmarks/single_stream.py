@@ -4,7 +4,11 @@ The embedded SmolLM2, batch 1, greedy, a 32-token prompt and 256 new tokens (ign
 threads. Every engine runs in its own subprocess (peak RSS from the kernel through wait4),
 one after another in the same invocation, after a short warm-up generation in the same process.
 Decode tok/s counts the tokens after the first over the time after the first; time to first
-token (TTFT) is the prompt's prefill plus the first token. llama.cpp is not run here yet.
+token (TTFT) is the prompt's prefill plus the first token. llama.cpp (llama-cpp-python in
+.venv-llamacpp, `make bench-setup-llamacpp`) runs the embedded Q4_1 file and Q8_0 / F16 copies of
+the same weights written with the `gguf` package (cached under ~/.cache/memlm/bench), each
+against memlm at equal precision: int4 (the file's Q4_1 blocks kept), int8 on the Q8_0 copy
+(its blocks kept), bf16 on the F16 copy.
 
     python benchmarks/single_stream.py                       # memlm fp32 bf16 int8 int4 g32/g128 + hf
     python benchmarks/single_stream.py --engines int8,int4 --new-tokens 64
@@ -28,16 +32,79 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes "
           "Gutenberg combined movable metal type with an oil-based ink and a screw press, and")
-ENGINES = {  # name -> (kind, weight dtype, int4 group size)
+ENGINES = {  # name -> (kind, weight dtype | GGUF copy, int4 group size)
     "fp32": ("memlm", "fp32", None), "bf16": ("memlm", "bf16", None), "int8": ("memlm", "int8", None),
     "int4": ("memlm", "int4", 32), "int4-g128": ("memlm", "int4", 128), "hf": ("hf", "fp32", None),
+    "int8-q8_0": ("memlm", "int8", "Q8_0"), "llamacpp-q4_1": ("llamacpp", "Q4_1", None),
+    "llamacpp-q8_0": ("llamacpp", "Q8_0", None), "llamacpp-f16": ("llamacpp", "F16", None),
 }
+PAIRS = [("int4", "llamacpp-q4_1"), ("int8-q8_0", "llamacpp-q8_0"), ("bf16", "llamacpp-f16")]
+LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
+COPIES = Path(os.path.expanduser("~")) / ".cache" / "memlm" / "bench"
+
+
+def gguf_copy(qtype: str) -> Path:
+    """The embedded SmolLM2 GGUF (Q4_1) itself, or its weights rewritten as `qtype` (Q8_0 / F16;
+    norms stay F32), every metadata key copied; written once and cached."""
+    sys.path.insert(0, str(ROOT))
+    from memlm.models.registry import resolve_preset
+    src = resolve_preset("smollm2-135m-instruct")
+    if qtype == "Q4_1":
+        return src
+    out = COPIES / f"{src.stem}.{qtype}.gguf"
+    if out.exists():
+        return out
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    COPIES.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    target = T[qtype]
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        kind = target if data.ndim == 2 else T.F32
+        packed = data.astype(np.float16) if kind == T.F16 else gguf.quants.quantize(data, kind)
+        w.add_tensor(t.name, packed, raw_dtype=kind if kind not in (T.F32, T.F16) else None)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    os.replace(tmp, out)
+    return out
+
+
+def llamacpp_worker(args) -> dict:
+    """Runs in .venv-llamacpp's python (no torch, no memlm): greedy, streamed, same prompt."""
+    from llama_cpp import Llama
+    llm = Llama(model_path=args.gguf, n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads,
+                verbose=False)
+    ids = llm.tokenize(PROMPT.encode(), add_bos=False)[:args.prompt_tokens]
+    for _ in llm.create_completion(ids, max_tokens=8, temperature=0, stream=True):
+        pass
+    llm.reset()
+    start, first, n = time.perf_counter(), None, 0
+    for _ in llm.create_completion(ids, max_tokens=args.new_tokens, temperature=0, stream=True,
+                                   logit_bias={llm.token_eos(): -1e9}):
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return {"ttft": first - start, "decode_tok_s": (n - 1) / (end - first), "tokens": n}
 
 
 def memlm_worker(args) -> dict:
     from memlm import LLM, SamplingParams
     _, weight_dtype, group = ENGINES[args.worker]
-    llm = LLM("smollm2-135m-instruct", memory_budget=args.budget, verbose=False, weight_dtype=weight_dtype,
+    model = str(gguf_copy(group)) if isinstance(group, str) else "smollm2-135m-instruct"
+    group = group if isinstance(group, int) else None
+    llm = LLM(model, memory_budget=args.budget, verbose=False, weight_dtype=weight_dtype,
               weight_group_size=group, num_threads=args.threads, max_num_seqs=1, num_kv_blocks=32)
     ids = llm.tokenizer.encode(PROMPT)[:args.prompt_tokens]
     llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
@@ -77,8 +144,14 @@ def hf_worker(args) -> dict:
 
 
 def run_engine(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--threads", str(args.threads), "--budget", args.budget,
-           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    kind, qtype, _ = ENGINES[name]
+    python, extra = sys.executable, []
+    if kind == "llamacpp":
+        if not LLAMACPP_PYTHON.exists():
+            return {"error": f"{LLAMACPP_PYTHON} is missing: run `make bench-setup-llamacpp`"}
+        python, extra = str(LLAMACPP_PYTHON), ["--gguf", str(gguf_copy(qtype))]
+    cmd = [python, __file__, "--worker", name, "--threads", str(args.threads), "--budget", args.budget,
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
     stdout = proc.stdout.read()
@@ -117,9 +190,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--min-budget", action="store_true", help="also bisect the smallest budget per dtype")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        res = hf_worker(args) if ENGINES[args.worker][0] == "hf" else memlm_worker(args)
+        kind = ENGINES[args.worker][0]
+        res = {"hf": hf_worker, "llamacpp": llamacpp_worker, "memlm": memlm_worker}[kind](args)
         print(json.dumps(res))
         return
     names = [n.strip() for n in args.engines.split(",") if n.strip()]
@@ -128,21 +203,33 @@ def main() -> None:
         sys.exit(f"error: unknown engine {bad[0]!r}; choose from {', '.join(ENGINES)}")
     print(f"# single stream: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, "
           f"{args.threads} threads", flush=True)
-    rows = {}
+    runs: list[tuple[str, dict]] = []           # an engine listed twice keeps both runs
     for name in names:
-        r = rows[name] = run_engine(name, args)
+        r = run_engine(name, args)
+        runs.append((name, r))
         if "error" in r:
-            print(f"  {name:<10} {r['error']}", flush=True)
+            print(f"  {name:<13} {r['error']}", flush=True)
             continue
-        print(f"  {name:<10} decode {r['decode_tok_s']:7.1f} tok/s  ttft {r['ttft'] * 1000:6.1f} ms  "
+        print(f"  {name:<13} decode {r['decode_tok_s']:7.1f} tok/s  ttft {r['ttft'] * 1000:6.1f} ms  "
               f"peak RSS {r['peak_rss'] / 2**20:6.0f} MiB" +
               (f"  weights {r['weight_bytes'] / 2**20:.0f} MiB" if "weight_bytes" in r else ""), flush=True)
-    base = rows.get("bf16")
-    if base and "error" not in base:
-        for name, r in rows.items():
-            if name != "bf16" and "error" not in r:
-                print(f"  {name} / bf16: decode {r['decode_tok_s'] / base['decode_tok_s']:.2f}x, "
-                      f"peak RSS {r['peak_rss'] / base['peak_rss']:.2f}x", flush=True)
+    def ratio(a: str, b: str) -> None:
+        """a / b per run of a, against the mean of b's runs (every run of each is printed above)."""
+        ok_b = [r for n, r in runs if n == b and "error" not in r]
+        if not ok_b:
+            return
+        dec = sum(r["decode_tok_s"] for r in ok_b) / len(ok_b)
+        rss = sum(r["peak_rss"] for r in ok_b) / len(ok_b)
+        ttft = sum(r["ttft"] for r in ok_b) / len(ok_b)
+        for i, r in enumerate(r for n, r in runs if n == a and "error" not in r):
+            print(f"  {a}{f' (run {i + 1})' if i else ''} / {b}: decode {r['decode_tok_s'] / dec:.2f}x, "
+                  f"ttft {r['ttft'] / ttft:.2f}x, peak RSS {r['peak_rss'] / rss:.2f}x", flush=True)
+    for name in dict.fromkeys(names):
+        if name != "bf16" and not name.startswith("llamacpp"):
+            ratio(name, "bf16")
+    for ours, theirs in PAIRS:
+        if ours in names and theirs in names:
+            ratio(ours, theirs)
     if args.min_budget:
         for name in names:
             kind, weight_dtype, group = ENGINES[name]

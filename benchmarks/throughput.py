@@ -97,7 +97,16 @@ def worker_memlm(args, reqs, dtype: str = "auto") -> dict:
             "kv_blocks": m.num_kv_blocks, "kv_tokens": m.num_kv_blocks * m.block_size,
             "budget": b.total if b else None, "decode_probe": decode,
             "kv_dtype": str(llm.engine.kv_dtype).replace("torch.", ""), "dtype": dtype,
-            "flops_per_token": flops_per_token(llm.config, 0)}
+            "flops_per_token": flops_per_token(llm.config, 0), "prefix_cache": prefix_cache_figures(base, m)}
+
+
+def prefix_cache_figures(before, after) -> dict:
+    """Prefix-cache hits / queries (prompt tokens) and evictions of the timed run; zeros for a
+    --baseline checkout that predates the prefix cache."""
+    def get(m, name):
+        return getattr(m, name, 0)
+    return {k: get(after, f"prefix_cache_{k}") - get(before, f"prefix_cache_{k}")
+            for k in ("hits", "queries", "evictions")}
 
 
 def decode_probe(llm, args) -> dict:
@@ -341,6 +350,10 @@ def print_summary(model: str, runs: dict, roof: float) -> None:
         print(f"  {e} budget {r['budget'] / 2**20:.0f} MiB, peak RSS {r['peak_rss'] / 2**20:.0f} MiB, "
               f"KV pool {r['kv_tokens']} tokens ({r['kv_dtype']}), fragmentation {r['fragmentation']:.1%}, "
               f"preemptions {r['preemptions']}")
+        pc = r.get("prefix_cache")
+        if pc and pc["queries"]:
+            print(f"  {e} prefix cache: {pc['hits']} of {pc['queries']} prompt tokens hit "
+                  f"({pc['hits'] / pc['queries']:.1%}), {pc['evictions']} evictions")
     if BASELINE in ours and "memlm" in ours:
         probe = [sorted(r["decode_probe"]["tokens_per_s"] for r in runs[e]) for e in ("memlm", BASELINE)]
         print(f"  memlm/{BASELINE} = {median('memlm', 'tokens_per_s') / median(BASELINE, 'tokens_per_s'):.3f}x "

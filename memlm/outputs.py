@@ -40,6 +40,7 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None              # set when this request failed (finish_reason "error")
+    num_cached_tokens: int = 0            # prompt tokens served from the prefix cache
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from memlm.kernels import fused_ops
+from memlm.kv.policies import POLICIES
 from memlm.structured import GrammarState, StructuredOutput
 
 
@@ -53,6 +54,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     structured_output: StructuredOutput | None = None   # JSON (schema) as token masks
+    kv_policy: str | None = None         # KV eviction (memlm.kv.policies); None: the engine's default
+    kv_window: int | None = None         # recent tokens kept (None: the engine's / policy's default)
+    kv_sinks: int | None = None          # first tokens always kept
+    kv_budget: int | None = None         # most cached tokens (h2o, snap)
+    truncate_prompt_tokens: int | None = None   # keep only the prompt's last N tokens
 
     def __post_init__(self) -> None:
         def bad(param: str, msg: str):
@@ -87,6 +93,15 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0 or v > 20):
                 bad(name, f"must be an integer in [0, 20] or None, got {v!r}")
+        if self.kv_policy is not None and self.kv_policy not in POLICIES:
+            bad("kv_policy", f"must be one of {', '.join(POLICIES)}, got {self.kv_policy!r}")
+        for name in ("kv_window", "kv_sinks", "kv_budget", "truncate_prompt_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < (0 if name == "kv_sinks" else 1)):
+                bad(name, f"must be a{' non-negative' if name == 'kv_sinks' else ' positive'} integer "
+                    f"or None, got {v!r}")
+        if self.kv_policy not in (None, "full") and self.n != 1:
+            bad("n", f"must be 1 with kv_policy={self.kv_policy} (completions cannot share an evicting cache)")
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
             bad("structured_output", f"must be a memlm.structured.StructuredOutput, got "
                 f"{type(self.structured_output).__name__}")

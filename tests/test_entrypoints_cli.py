@@ -105,9 +105,9 @@ def test_dtype_flags_speak_the_one_vocabulary_and_help_reads_the_defaults(monkey
             pass
     assert seen == [("float16", "bfloat16"), ("int8", "fp32"), (None, None)]
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["generate", "hi", "--kv-dtype", "int4"])
+        build_parser().parse_args(["generate", "hi", "--kv-dtype", "int3"])
     assert "--kv-dtype" in capsys.readouterr().err
     help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["generate"].format_help().split())
     assert f"default {config.MAX_NUM_SEQS}" in help_text
     assert f"default {config.MAX_NUM_BATCHED_TOKENS}" in help_text
-    assert "{auto,fp32,fp16,bf16,int8}" in help_text and "{auto,fp32,bf16,int8,int4}" in help_text
+    assert "{auto,fp32,fp16,bf16,int8,int4,int2}" in help_text and "{auto,fp32,bf16,int8,int4}" in help_text

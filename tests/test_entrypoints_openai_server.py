@@ -232,6 +232,32 @@ def test_chat_json_schema_answer_parses_and_validates(server):
     assert _error(r, 400)["param"] == "response_format"
 
 
+def test_completions_response_format_json_schema_and_json_object(server):
+    import jsonschema
+    schema = {"type": "object", "additionalProperties": False, "required": ["n"],
+              "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    got = _client(server).completions.create(
+        model=NAME, prompt=["A number:", "Another:"], max_tokens=24, temperature=0.8, seed=3,
+        extra_body={"response_format": {"type": "json_schema",       # the SDK's completions
+                                        "json_schema": {"name": "n", "schema": schema}}})  # lack it
+    assert len(got.choices) == 2
+    for choice in got.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.text), schema)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": NAME, "prompt": "JSON:", "max_tokens": 40, "temperature": 0.8, "seed": 1}
+    r = httpx.post(server.url + "/v1/completions", headers=auth, timeout=TIMEOUT,
+                   json={**body, "response_format": {"type": "json_object"}})
+    choice = r.json()["choices"][0]
+    if choice["finish_reason"] == "stop":        # the grammar ended it: the text is whole JSON
+        assert isinstance(json.loads(choice["text"]), dict)
+    else:                                         # cut at max_tokens: still a JSON prefix
+        assert choice["text"].lstrip().startswith("{")
+    r = httpx.post(server.url + "/v1/completions", headers=auth,
+                   json={**body, "response_format": {"type": "yaml"}})
+    assert _error(r, 400)["param"] == "response_format"
+
+
 def test_choices_logprobs_and_stop_strings(server, offline):
     """Two prompts x n=2 -> choices 0..3 in prompt order; chat logprobs match LLM's; stop."""
     client = _client(server)

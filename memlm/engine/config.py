@@ -2,7 +2,7 @@
 
 Owns: the defaults (module constants, which `SchedulerConfig`, `ModelRunner` and the CLI's help
 derive from) and validation of the knobs. The KV dtype speaks the one dtype vocabulary
-(`memlm.dtypes`): fp32, fp16, bf16, int8 (torch spellings accepted), or "auto".
+(`memlm.dtypes`): fp32, fp16, bf16, int8, int4, int2 (torch spellings accepted), or "auto".
 Does not know: how the engine is wired or sized (`llm_engine.py`, `memory/budget.py`).
 """
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memlm import dtypes
+from memlm.kv.prefix_eviction import POLICIES as PREFIX_CACHE_POLICIES
+from memlm.config import parse_size
+from memlm.kv.policies import KVPolicySpec
 
 MAX_NUM_SEQS = 128               # sequences holding KV at once
 MAX_NUM_BATCHED_TOKENS = 2048    # tokens per step (prefill chunks + decodes)
@@ -17,7 +20,15 @@ BLOCK_SIZE = 16                  # tokens per KV block
 MAX_MODEL_LEN = 2048             # positions per sequence (capped by the model's own context)
 GATHER_CAP_TOKENS = 32768        # padded K/V tokens gathered per decode group (torch fallback path)
 ADMISSION_HEADROOM = 64          # tokens of growth kept free per running sequence (0: none)
-KV_DTYPES = ("fp32", "fp16", "bf16", "int8")
+ENABLE_PREFIX_CACHING = True     # full KV blocks found again by hash across requests
+PREFIX_CACHE_POLICY = "cost"     # which cached block goes first (memlm.kv.prefix_eviction): lru cost
+KV_DTYPES = ("fp32", "fp16", "bf16", "int8", "int4", "int2")   # int4 / int2: KIVI (memlm.kv.codecs)
+WARM_FRACTION = 0.0              # of the budget's KV memory kept for the warm (compressed RAM) tier
+DISK_BUDGET = "4GiB"             # bound on the cold tier's files in session_dir
+KV_POLICY = "full"               # KV eviction policy (memlm.kv.policies): full window sinks h2o snap
+KV_WINDOW = 1020                 # recent tokens kept by window / sinks (StreamingLLM's 4 + 1,020)
+KV_SINKS = 4                     # first tokens always kept by sinks / h2o / snap
+KV_BUDGET = 1024                 # most cached tokens per sequence under h2o / snap
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,15 @@ class EngineConfig:
     max_model_len: int = MAX_MODEL_LEN
     gather_cap_tokens: int = GATHER_CAP_TOKENS
     admission_headroom: int = ADMISSION_HEADROOM
+    enable_prefix_caching: bool = ENABLE_PREFIX_CACHING   # off for models with recurrent layers
+    prefix_cache_policy: str = PREFIX_CACHE_POLICY
+    warm_fraction: float = WARM_FRACTION  # > 0: swapped-out requests and sessions wait in RAM
+    disk_budget: int | str = DISK_BUDGET  # cold tier size; used when session_dir is given
+    session_dir: str | None = None        # cold tier: persistent chat sessions (+ swap spill)
+    kv_policy: str = KV_POLICY            # a request's SamplingParams.kv_policy overrides these four
+    kv_window: int = KV_WINDOW
+    kv_sinks: int = KV_SINKS
+    kv_budget: int = KV_BUDGET
 
     def __post_init__(self):
         object.__setattr__(self, "kv_dtype", dtypes.parse(self.kv_dtype, KV_DTYPES, "kv_dtype",
@@ -43,5 +63,12 @@ class EngineConfig:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.admission_headroom < 0:
             raise ValueError(f"admission_headroom must be >= 0, got {self.admission_headroom}")
+        if self.prefix_cache_policy not in PREFIX_CACHE_POLICIES:
+            raise ValueError(f"prefix_cache_policy must be one of {', '.join(PREFIX_CACHE_POLICIES)}, "
+                             f"got {self.prefix_cache_policy!r}")
+        KVPolicySpec.resolve(self.kv_policy, None, None, None, self)     # raises on a bad one
+        if not 0.0 <= self.warm_fraction <= 0.9:
+            raise ValueError(f"warm_fraction must be in [0, 0.9], got {self.warm_fraction}")
+        object.__setattr__(self, "disk_budget", parse_size(self.disk_budget))
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

@@ -16,13 +16,18 @@ import torch
 
 from memlm import dtypes
 from memlm.engine.config import EngineConfig
+from memlm.engine.eviction import PolicyStep
 from memlm.engine.request import Request
 from memlm.engine.runner import ModelRunner
 from memlm.engine.scheduler import Scheduler, SchedulerConfig
 from memlm.memory import budget as mem
 from memlm.memory.plan import MemoryPlan, StepProfile, plan_memory
 from memlm.kernels import attention as paged_attention
+from memlm.kv.cost import CostModel
 from memlm.kv.manager import KVCacheManager
+from memlm.kv.prefix_cache import PrefixCache
+from memlm.kv.prefix_eviction import make_policy
+from memlm.kv.offload import build_offload
 from memlm.kv.store import KVStore
 
 TRIM_EVERY_STEPS = 32
@@ -49,6 +54,23 @@ class EngineMetrics:
     num_steps: int
     decode_steps: int = 0           # decode-only steps
     decode_step_tokens: int = 0     # tokens of decode-only steps (what decode_seconds timed)
+    num_swaps: int = 0              # preemptions that saved the KV to a tier instead of dropping it
+    max_preemptions_per_seq: int = 0
+    warm_bytes: int = 0             # compressed KV held by the warm tier now (of warm_capacity)
+    warm_capacity: int = 0
+    cold_bytes: int = 0             # KV files in the session directory now (of the disk budget)
+    session_hits: int = 0           # turns that resumed from a saved session
+    session_tokens_restored: int = 0
+    compression_ratio: float = 0.0  # raw / stored bytes of every entry saved so far
+    prefix_cache_queries: int = 0   # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0      # of those, found cached (not recomputed)
+    prefix_cache_blocks: int = 0    # blocks findable by hash now (in use or evictable)
+    prefix_cache_evictions: int = 0 # cached blocks reclaimed for other use
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache / prompt tokens looked up."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -73,26 +95,33 @@ class LLMEngine:
         max_len = min(config.max_model_len, cfg.max_position_embeddings)
         self.runner = ModelRunner(model, self.device, config.block_size, config.gather_cap_tokens)
         if config.kv_dtype != dtypes.AUTO:
-            kv_dtype = dtypes.to_torch(config.kv_dtype)
+            kv_dtype = config.kv_dtype
         elif self.device.type == "cpu" and paged_attention.available():
             # Decode attention is memory-bound: fp16 K/V halve both the pool and the bytes read,
             # and the native kernel widens them to fp32 on load (attention error ~1e-4).
-            kv_dtype = torch.float16
+            kv_dtype = "fp16"
         else:
-            kv_dtype = torch.float32
+            kv_dtype = "fp32"
 
         def block_bytes(dtype):
             return KVStore.bytes_per_block(len(cfg.attention_depths), config.block_size,
                                            cfg.num_kv_heads, cfg.head_dim, dtype)
-        self.kv_dtype = kv_dtype
+        self.kv_dtype = kv_dtype        # canonical name (memlm.dtypes)
         self.plan = self._plan(budget, max_len, block_bytes(kv_dtype))
         num_blocks = self.plan.num_blocks
-        self.kv = KVCacheManager(num_blocks, config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size, self._prefix_cache())
         self.runner.store = KVStore(cfg.attention_depths, num_blocks, config.block_size,
-                                    cfg.num_kv_heads, cfg.head_dim, kv_dtype, self.device)
+                                    cfg.num_kv_heads, cfg.head_dim, kv_dtype, self.device,
+                                    window_stages=self._window_stages())
+        self.cost = CostModel()
+        self.offload = build_offload(model, self.runner.store, self.plan.kv_dtype, self.cost,
+                                     self.plan.warm_bytes, config.session_dir, config.disk_budget)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    max_len, admission_headroom=config.admission_headroom),
-                                   self.kv, can_share_blocks="recurrent" not in cfg.mixers)
+                                   self.kv, can_share_blocks="recurrent" not in cfg.mixers,
+                                   offload=self.offload,
+                                   policy=PolicyStep(self.kv, config, rotary=cfg.position == "rope",
+                                                     per_token_kv=self.runner.store.window is None))
         if verbose and budget is not None:
             print(f"memlm: memory plan\n{self.describe_plan()}", file=sys.stderr, flush=True)
         # The heap keeps freed activations for the next step; trim it when RSS nears the budget.
@@ -104,6 +133,18 @@ class LLMEngine:
                            decode_seconds=0.0, steps=0, frag_sum=0.0, frag_steps=0,
                            decode_steps=0, decode_step_tokens=0)
 
+    def _prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache, unless switched off or the model has recurrent layers (their state
+        is not in the KV blocks, so a sequence cannot resume from a cached prefix)."""
+        cfg = self.model.cfg
+        if (not self.config.enable_prefix_caching or "recurrent" in cfg.mixers
+                or self.config.kv_policy != "full"):     # evicting policies rewrite blocks
+            return None
+        # A token's attention costs about as much as its matmuls at ~6 x hidden context tokens.
+        policy = make_policy(self.config.prefix_cache_policy, self.config.block_size,
+                             attention_scale=6.0 * cfg.hidden_size)
+        return PrefixCache(self.config.block_size, policy, salt=dtypes.name_of(self.kv_dtype).encode())
+
     def _plan(self, budget: mem.MemoryBudget | None, max_len: int, block_bytes: int) -> MemoryPlan:
         """Size the KV pool: from the budget and a measured profile on CPU, else a fixed share."""
         config, kv_name = self.config, dtypes.name_of(self.kv_dtype)
@@ -113,15 +154,30 @@ class LLMEngine:
         if budget is not None and self.device.type == "cpu":
             profile = self._profile(max_len)
             return plan_memory(budget, profile, self.model.weight_bytes(), block_bytes, config.block_size,
-                               kv_name, max_blocks=min(config.num_kv_blocks or usable, usable))
+                               kv_name, max_blocks=min(config.num_kv_blocks or usable, usable),
+                               warm_fraction=config.warm_fraction, kv_window=self._window_bytes())
         num_blocks = config.num_kv_blocks
         if num_blocks is None and self.device.type == "cuda":   # GPU memory is not in the RSS budget
             free, _ = torch.cuda.mem_get_info(self.device)
             num_blocks = int(free * GPU_KV_FRACTION) // block_bytes
         if num_blocks is None:   # no budget: room for every sequence at up to 1024 tokens
             num_blocks = config.max_num_seqs * -(-min(max_len, 1024) // config.block_size)
+        num_blocks = max(1, num_blocks)   # outside a budget the warm tier adds its share on top
+        warm = int(num_blocks * block_bytes * config.warm_fraction / (1 - config.warm_fraction))
         return MemoryPlan(block_size=config.block_size, block_bytes=block_bytes,
-                          num_blocks=max(1, num_blocks), kv_dtype=kv_name)
+                          num_blocks=num_blocks, kv_dtype=kv_name, warm_bytes=warm,
+                          kv_window=self._window_bytes())
+
+    def _window_stages(self) -> int:
+        """Stages of a block codec's fp16 window: one per running sequence's partial block, and
+        a spare for a block completed and another started in the same step."""
+        return self.config.max_num_seqs + 1
+
+    def _window_bytes(self) -> int:
+        """The fp16 window of a block codec (int4 / int2), planned beside the pool; else 0."""
+        cfg = self.model.cfg
+        return KVStore.window_bytes(len(cfg.attention_depths), self._window_stages(), self.config.block_size,
+                                    cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
 
     def _profile(self, max_len: int) -> StepProfile:
         """Measure the peak of the largest step (vLLM's warm-up profile) and what it leaves."""
@@ -186,6 +242,7 @@ class LLMEngine:
             mem.release_free_heap()     # freed heap pages back to the OS: RSS tracks live data
         if out.num_prefill_tokens:
             st["prefill_seconds"] += out.seconds
+            self.cost.observe_prefill(out.num_prefill_tokens, out.seconds)   # recompute's price
         else:
             st["decode_seconds"] += out.seconds
             st["decode_steps"] += 1
@@ -208,7 +265,17 @@ class LLMEngine:
             num_running=self.scheduler.num_running, prefill_tokens=st["prefill_tokens"],
             decode_tokens=st["decode_tokens"], prefill_seconds=st["prefill_seconds"],
             decode_seconds=st["decode_seconds"], num_steps=st["steps"], decode_steps=st["decode_steps"],
-            decode_step_tokens=st["decode_step_tokens"])
+            decode_step_tokens=st["decode_step_tokens"], num_swaps=self.scheduler.num_swaps,
+            max_preemptions_per_seq=self.scheduler.max_preemptions_per_seq,
+            **self._prefix_cache_metrics(),
+            **(self.offload.metrics() if self.offload is not None else {}))
+
+    def _prefix_cache_metrics(self) -> dict:
+        cache = self.kv.cache
+        if cache is None:
+            return {}
+        return dict(prefix_cache_queries=cache.num_queried_tokens, prefix_cache_hits=cache.num_hit_tokens,
+                    prefix_cache_blocks=cache.num_cached_blocks, prefix_cache_evictions=cache.num_evictions)
 
     def describe_plan(self) -> str:
         """The memory plan (budget ledger and KV pool), a few lines."""
@@ -218,6 +285,8 @@ class LLMEngine:
 def format_metrics(m: EngineMetrics) -> str:
     return (f"KV blocks {m.kv_blocks_used}/{m.num_kv_blocks} used, fragmentation "
             f"{m.mean_fragmentation:.1%} (mean), preemptions {m.num_preemptions}, "
-            f"prefill {m.prefill_tokens_per_s:.0f} tok/s, decode {m.decode_tokens_per_s:.0f} tok/s")
+            f"prefill {m.prefill_tokens_per_s:.0f} tok/s, decode {m.decode_tokens_per_s:.0f} tok/s, "
+            f"prefix cache {m.prefix_cache_hit_rate:.1%} of {m.prefix_cache_queries} prompt tokens hit "
+            f"({m.prefix_cache_evictions} evictions)")
 
 

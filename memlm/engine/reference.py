@@ -35,7 +35,10 @@ class ReferenceEngine:
 
     def add_request(self, request: Request) -> None:
         request.assign_seq_ids(self._seq_ids)
-        if len(request.prompt_token_ids) >= self.max_model_len:
+        if request.params.kv_policy not in (None, "full"):
+            request.fail(f"kv_policy={request.params.kv_policy} needs the paged engine; the reference "
+                         "engine keeps the full cache")
+        elif len(request.prompt_token_ids) >= self.max_model_len:
             request.fail(f"prompt of {len(request.prompt_token_ids)} tokens does not fit the "
                          f"model's {self.max_model_len}-token context; shorten it")
         self.queue.append(request)

@@ -13,6 +13,7 @@ import enum
 from collections.abc import Iterator
 
 from memlm.engine.detokenizer import CompletionState
+from memlm.kv.policies import KVPolicyState
 from memlm.outputs import RequestOutput
 from memlm.sampling import SamplingParams, make_generator
 from memlm.structured import GrammarState
@@ -44,6 +45,8 @@ class Sequence:
         self.index = index
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        self.num_preemptions = 0
+        self.kv_state: KVPolicyState | None = None   # an evicting KV policy's view (the scheduler's)
         self.status = RequestStatus.WAITING
         self.generator = make_generator(None if seed is None else seed + 1_000_003 * index, device)
         self.completion = CompletionState(index, request.tokenizer, request.params,
@@ -109,11 +112,15 @@ class Request:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = [int(t) for t in prompt_token_ids]
+        if params.truncate_prompt_tokens is not None:     # vLLM's name: keep the last N tokens
+            self.prompt_token_ids = self.prompt_token_ids[-params.truncate_prompt_tokens:]
         self.params = params
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self.arrival = arrival
         self.error: str | None = None
+        self.num_cached_tokens: int | None = None   # prompt tokens its first admission found cached
+        self.session_id: str | None = None     # a validated chat session id (kv/sessions.py)
         self.prompt_logprobs: list[dict[int, float] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
         self.sequences = [Sequence(self, i, params.seed, device) for i in range(params.n)]
@@ -144,4 +151,5 @@ class Request:
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=list(self.prompt_token_ids),
             outputs=[s.completion.to_output() for s in self.sequences],
-            finished=self.finished, prompt_logprobs=self.prompt_logprobs, error=self.error)
+            finished=self.finished, prompt_logprobs=self.prompt_logprobs, error=self.error,
+            num_cached_tokens=self.num_cached_tokens or 0)

@@ -1,11 +1,22 @@
 """The model runner: SchedulerOutput -> batch tensors -> forward over paged KV -> sample.
 
 Owns: the device, the model, the `KVStore`, per-sequence recurrent state, and building one
-step's flattened batch (decodes first, grouped by context length, then prefill chunks) with
+step's flattened batch (decodes first, grouped by cache length, then prefill chunks) with
 its slot mapping. Computes logits only for rows that sample (and prompt-logprob rows, in
-small chunks). Returns a typed `RunnerOutput`.
-Does not know: policy — who runs, preemption, finishing — or block bookkeeping (each
-`ScheduledSeq` brings its block table from the `KVCacheManager`); it computes what it is told.
+small chunks). Returns a typed `RunnerOutput`. For evicting KV policies it carries out what the
+scheduler decided: the slot copies that pack kept entries, the attention mass H2O / SnapKV
+read (into each sequence's `KVPolicyState`), and the sinks' positions.
+Does not know: policy — who runs, preemption, finishing, which tokens to keep — or block
+bookkeeping (each `ScheduledSeq` brings its block table from the `KVCacheManager`).
+
+Positions under a `sinks` policy (StreamingLLM gives rotary positions by place in the cache):
+a token's text position t and its cache entry c differ by the E tokens evicted before it. The
+window is contiguous text, so its keys, rotated at their text positions when written, already
+have the right distances to the query (at t). Only the S sink keys need moving: they must sit
+E places later. The runner keeps each sink's k / v in fp32 as first computed (rotated at
+positions 0 .. S-1) and, whenever E changes (one block's worth at a time), writes
+R(E) applied to that copy into the sink slots: exact (one rotation from the fp32 copy, no
+drift), S rows per layer per eviction, nothing per step.
 """
 from __future__ import annotations
 
@@ -15,8 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from memlm.engine.config import GATHER_CAP_TOKENS
+from memlm.models.blocks import Rotary
 from memlm.engine.scheduler import ScheduledSeq, SchedulerOutput
-from memlm.kv.store import DecodeGroup, KVStore, PagedBatch, PagedView, PrefillSegment
+from memlm.kv.paged_view import DecodeGroup, PagedBatch, PagedView, PrefillSegment
+from memlm.kv.store import KVStore
 from memlm.sampling import SampleRow, Sampler, top_logprobs
 
 LOGPROB_CHUNK = 64   # prompt-logprob rows per logits call: bounds the (rows, vocab) workspace
@@ -45,8 +58,13 @@ class ModelRunner:
         self.gather_cap = gather_cap_tokens   # padded K/V tokens gathered per decode group
         self.sampler = Sampler()
         self.recurrent_states: dict = {}
+        self.sink_copies: dict[int, torch.Tensor] = {}   # seq_id -> (layers, 2, S, nkv, hd) fp32
+        self.sink_shift: dict[int, int] = {}             # seq_id -> places its sinks were moved
 
     def drop_states(self, seq_ids: list[int]) -> None:
+        for sid in seq_ids:
+            self.sink_copies.pop(sid, None)
+            self.sink_shift.pop(sid, None)
         if self.recurrent_states and seq_ids:
             gone = set(seq_ids)
             for key in [k for k in self.recurrent_states if k[0] in gone]:
@@ -56,22 +74,31 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         t0 = time.perf_counter()
         self.drop_states(out.freed_seq_ids)
-        decodes = sorted((s for s in out.scheduled if s.is_decode), key=lambda s: -s.start)
+        dev, bs = self.device, self.block_size
+        if out.kv_moves:
+            self.store.copy_slots(torch.tensor(out.kv_moves.src, dtype=torch.long, device=dev),
+                                  torch.tensor(out.kv_moves.dst, dtype=torch.long, device=dev))
+        decodes = sorted((s for s in out.scheduled if s.is_decode),
+                         key=lambda s: (_needs_mass(s), -s.cache_start))
+        plain = sum(1 for s in decodes if not _needs_mass(s))
         prefills = [s for s in out.scheduled if not s.is_decode]
         order = decodes + prefills
-        input_ids, positions, slots = [], [], []
+        input_ids, positions, slots, sink_rows = [], [], [], []
         for s in order:
             input_ids += s.token_ids
-            for pos in range(s.start, s.start + s.num_tokens):
-                positions.append(pos)
-                slots.append(s.block_table[pos // self.block_size] * self.block_size + pos % self.block_size)
-        dev = self.device
+            positions += range(s.start, s.start + s.num_tokens)
+            for c in range(s.cache_start, s.cache_start + s.num_tokens):
+                slots.append(s.block_table[c // bs] * bs + c % bs)
+            sink_rows += self._sinks_of(s, len(positions) - s.num_tokens)
         batch = PagedBatch(torch.tensor(slots, dtype=torch.long, device=dev),
                            self._prefill_segments(prefills, len(decodes)),
-                           self._decode_groups(decodes))
+                           self._decode_groups(decodes[:plain]) + self._decode_groups(decodes[plain:], plain),
+                           sink_rows)
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)     # (N,)
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)     # (N,)
+        self._shift_sinks(out.scheduled)
         hidden = self.model(ids_t, pos_t, PagedView(self.store, batch, self.recurrent_states))  # (N, H)
+        self._collect_mass(batch, order, len(decodes))
 
         result = RunnerOutput(num_decode_tokens=len(decodes),
                               num_prefill_tokens=sum(s.num_tokens for s in prefills))
@@ -100,13 +127,62 @@ class ModelRunner:
     def _prefill_segments(self, prefills: list[ScheduledSeq], row: int) -> list[PrefillSegment]:
         segs = []
         for s in prefills:
-            nb = -(-(s.start + s.num_tokens) // self.block_size)
+            nb = -(-(s.cache_start + s.num_tokens) // self.block_size)
             table = torch.tensor(s.block_table[:nb], dtype=torch.long, device=self.device)
-            segs.append(PrefillSegment(row, row + s.num_tokens, s.start, table, s.seq.seq_id))
+            seg = PrefillSegment(row, row + s.num_tokens, s.cache_start, table, s.seq.seq_id)
+            st = s.seq.kv_state
+            # H2O scores every chunk by its last W queries; SnapKV only the prompt's last W
+            if st is not None and (st.spec.policy == "h2o" or (
+                    st.spec.policy == "snap" and s.start + s.num_tokens >= s.seq.num_prompt_tokens)):
+                seg.observe = st.spec.window
+                seg.mass = torch.zeros(self.store.n_kv_heads, nb * self.block_size, device=self.device)
+            segs.append(seg)
             row += s.num_tokens
         return segs
 
-    def _decode_groups(self, decodes: list[ScheduledSeq]) -> list[DecodeGroup]:
+    def _sinks_of(self, s: ScheduledSeq, row: int) -> list[tuple[int, torch.Tensor, int]]:
+        """(row, copy, i) for the tokens of `s` that are sinks of a `sinks` policy."""
+        st = s.seq.kv_state
+        if st is None or st.spec.policy != "sinks" or not st.spec.sinks or s.start >= st.spec.sinks:
+            return []
+        copy = self.sink_copies.get(s.seq.seq_id)
+        if copy is None:
+            copy = torch.zeros(len(self.store.layer_of_depth), 2, st.spec.sinks, self.store.n_kv_heads,
+                               self.store.head_dim, device=self.device)
+            self.sink_copies[s.seq.seq_id] = copy
+        return [(row + i, copy, s.start + i) for i in range(min(s.num_tokens, st.spec.sinks - s.start))]
+
+    def _shift_sinks(self, scheduled: list[ScheduledSeq]) -> None:
+        """Rewrite the sink keys of sequences whose window slid since their last step (see the
+        module docstring): k at position i + E, from the fp32 copy rotated at i."""
+        rotary = getattr(self.model, "rotary", None)
+        for s in scheduled:
+            st, sid = s.seq.kv_state, s.seq.seq_id
+            if rotary is None or sid not in self.sink_copies or st.spec.policy != "sinks":
+                continue
+            shift = st.num_evicted
+            if shift == self.sink_shift.get(sid, 0):
+                continue
+            self.sink_shift[sid] = shift
+            copy, n = self.sink_copies[sid], st.spec.sinks
+            bs, table = self.block_size, s.block_table
+            slots = torch.tensor([table[c // bs] * bs + c % bs for c in range(n)], device=self.device)
+            cos, sin = rotary.cos_sin(torch.tensor([shift], device=self.device))   # (1, 1, hd)
+            for depth, li in self.store.layer_of_depth.items():
+                k = Rotary.apply(copy[li, 0], cos, sin)                              # (S, nkv, hd)
+                self.store.write(depth, slots, k, copy[li, 1])
+
+    def _collect_mass(self, batch: PagedBatch, order: list[ScheduledSeq], num_decodes: int) -> None:
+        """Add this step's attention mass (summed over KV heads) to each sequence's policy state."""
+        for g in batch.decodes:
+            if g.mass is not None:
+                for i, s in enumerate(order[g.start:g.end]):
+                    s.seq.kv_state.add_mass(g.mass[i, :, :s.cache_start + 1].sum(0).cpu())
+        for p, s in zip(batch.prefills, order[num_decodes:]):
+            if p.mass is not None:
+                s.seq.kv_state.add_mass(p.mass[:, :s.cache_start + s.num_tokens].sum(0).cpu())
+
+    def _decode_groups(self, decodes: list[ScheduledSeq], row: int = 0) -> list[DecodeGroup]:
         """Split decodes (sorted by context length, longest first) into padded groups.
 
         A new group starts when the padded gather would pass `gather_cap` tokens or a sequence
@@ -115,10 +191,10 @@ class ModelRunner:
         groups, start, bs = [], 0, self.block_size
         native = self.store is not None and self.store.native_decode   # no padding cost: one group
         while start < len(decodes):
-            nb = -(-(decodes[start].start + 1) // bs)
+            nb = -(-(decodes[start].cache_start + 1) // bs)
             end = start + 1
             while end < len(decodes):
-                nb_i = -(-(decodes[end].start + 1) // bs)
+                nb_i = -(-(decodes[end].cache_start + 1) // bs)
                 if not native and ((end - start + 1) * nb * bs > self.gather_cap or nb_i < 0.6 * nb):
                     break
                 end += 1
@@ -126,13 +202,15 @@ class ModelRunner:
             tables = torch.zeros(len(members), nb, dtype=torch.long)
             lens = torch.empty(len(members), dtype=torch.long)
             for i, s in enumerate(members):
-                k = -(-(s.start + 1) // bs)
+                k = -(-(s.cache_start + 1) // bs)
                 tables[i, :k] = torch.tensor(s.block_table[:k])
-                lens[i] = s.start + 1
+                lens[i] = s.cache_start + 1
             mask = None if native else (torch.arange(nb * bs)[None, :] < lens[:, None])[:, None, None, :]
-            groups.append(DecodeGroup(start, end, tables.to(self.device), lens.to(self.device),
+            mass = (torch.zeros(len(members), self.store.n_kv_heads, nb * bs, device=self.device)
+                    if _needs_mass(members[0]) else None)
+            groups.append(DecodeGroup(row + start, row + end, tables.to(self.device), lens.to(self.device),
                                       mask if mask is None else mask.to(self.device),
-                                      [s.seq.seq_id for s in members]))
+                                      [s.seq.seq_id for s in members], mass))
             start = end
         return groups
 
@@ -193,3 +271,9 @@ class ModelRunner:
             for i in range(b - a):
                 out.append(top_logprobs(lp[i], req.prompt_token_ids[s.start + a + i + 1], n))
         return out
+
+
+def _needs_mass(s: ScheduledSeq) -> bool:
+    """The sequence's decode attention must report mass (h2o; snap ranks its prompt once, from
+    the prompt's last queries)."""
+    return s.seq.kv_state is not None and s.seq.kv_state.spec.policy == "h2o"

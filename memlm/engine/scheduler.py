@@ -3,9 +3,12 @@
 Owns: the waiting queue and running list (both in arrival order), admission (FCFS while the
 step's token budget allows and the free KV blocks cover the running sequences' growth over
 their next `admission_headroom` tokens plus the newcomer's whole prompt and headroom; alone, a
-newcomer needs only its first chunk), chunked prefill mixed with decodes, preemption by
-recompute when blocks run out (newest sequence first, so the oldest always progresses: no
-starvation), n > 1 forks sharing the prompt's full blocks, and finishing (freeing blocks).
+newcomer needs only its first chunk; one holding no KV starts at its cached prefix unless it
+asks for prompt logprobs), chunked prefill mixed with decodes, preemption by
+swap or recompute when blocks run out (newest sequence first, so the oldest always progresses:
+no starvation; the `KVOffload` swaps it out to a KV tier when that is predicted cheaper than
+recomputing, and restores it — or a chat session's saved history — at admission), n > 1 forks
+sharing the prompt's full blocks, and finishing (freeing blocks; a session's turn is kept first).
 Returns typed `SchedulerOutput`s, which carry each scheduled sequence's block table.
 Does not know: which blocks a sequence holds (it asks the `KVCacheManager`, which alone allocates,
 shares and frees them), tensors, the model, or text (sequences finish by their `CompletionState`).
@@ -14,10 +17,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from memlm.engine import config as defaults
+from memlm.engine.eviction import PolicyStep, SlotMoves
 from memlm.engine.request import Request, RequestStatus, Sequence
-from memlm.kv.manager import KVCacheManager
+from memlm.kv.manager import NO_HIT, KVCacheManager, PrefixHit
+
+if TYPE_CHECKING:                       # the scheduler itself never touches tensors
+    from memlm.kv.offload import KVOffload
 
 
 @dataclass(frozen=True)
@@ -43,10 +51,15 @@ class ScheduledSeq:
     """One sequence's share of a step."""
 
     seq: Sequence
-    start: int                 # first position computed this step (= tokens already cached)
+    start: int                 # first position computed this step (= tokens already computed)
     num_tokens: int            # tokens computed this step
     token_ids: list[int]       # (num_tokens,) their ids
-    block_table: list[int]     # blocks covering positions 0 .. start + num_tokens - 1
+    block_table: list[int]     # blocks covering cache entries 0 .. cache_start + num_tokens - 1
+    cache_start: int = -1      # cache entry of the first (= start unless a KV policy evicted)
+
+    def __post_init__(self):
+        if self.cache_start < 0:
+            self.cache_start = self.start
 
     @property
     def samples(self) -> bool:
@@ -65,6 +78,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq]                             # in batch order
     preempted_seq_ids: list[int] = field(default_factory=list)  # KV dropped; state must reset
     freed_seq_ids: list[int] = field(default_factory=list)      # finished since the last step
+    kv_moves: SlotMoves = field(default_factory=SlotMoves)      # KV policy packing, before the forward
 
     @property
     def num_batched_tokens(self) -> int:
@@ -76,9 +90,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, can_share_blocks: bool = True):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, can_share_blocks: bool = True,
+                 offload: KVOffload | None = None, policy: PolicyStep | None = None):
         self.config = config
         self.kv = kv
+        self.policy = policy or PolicyStep(kv, defaults.EngineConfig())   # evicting KV policies
+        self.offload = offload        # swap out / restore through the KV tiers (None: recompute only)
+        self.num_swaps = 0
+        self.max_preemptions_per_seq = 0
         self.can_share = can_share_blocks and config.share_prompt_blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -101,15 +120,21 @@ class Scheduler:
     def add(self, request: Request) -> None:
         """Queue a request; fails it at once (this request only) if it can never fit."""
         P = len(request.prompt_token_ids)
-        if P >= self.config.max_model_len:
-            request.fail(f"prompt of {P} tokens does not fit the model's {self.config.max_model_len}-"
-                         "token context; shorten it")
+        try:
+            spec = self.policy.attach(request)
+        except ValueError as e:
+            request.fail(str(e))
             return
-        if self.kv.blocks_for(P + 1) > self.kv.num_blocks:
+        first, *rest = request.sequences
+        if P >= self.config.max_model_len and not self.policy.past_context(first):
+            request.fail(f"prompt of {P} tokens does not fit the model's {self.config.max_model_len}-"
+                         "token context; shorten it, pass truncate_prompt_tokens, or use kv_policy "
+                         "sinks / window")
+            return
+        if self.kv.blocks_for(min(P + 1, spec.budget or P + 1)) > self.kv.num_blocks:
             request.fail(f"prompt of {P} tokens can never fit the KV pool of {self.kv.capacity_tokens} "
                          "tokens; shorten it or raise --memory-budget")
             return
-        first, *rest = request.sequences
         self.waiting.append(first)
         if rest:
             self.forks[first.seq_id] = rest
@@ -128,10 +153,12 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[int] = []
+        moves = SlotMoves()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self.policy.chunk(seq, min(seq.num_uncomputed_tokens, budget))
+            self.policy.shrink(seq, n, moves)        # an evicting policy keeps its budget first
             if self._reserve(seq, n, preempted):
                 scheduled.append(self._slice(seq, n))
                 budget -= n
@@ -143,13 +170,27 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs \
                 and not preempted:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
+            # A sequence holding no KV starts after its cached prefix (never its last token), or
+            # after what a KV tier restores when that covers more than the hot cache does.
+            hit = (self.kv.find_cached_prefix(seq, seq.num_tokens)
+                   if self._may_use_cache(seq) else NO_HIT)
+            restored = self._restorable(seq, hit)
+            if restored:
+                hit = NO_HIT
+            cached = hit.num_blocks * self.kv.block_size
+            n = self.policy.chunk(seq, min(seq.num_uncomputed_tokens - cached, budget))
             # Beside others, the whole rest of the prompt (and its headroom) must fit, not just
             # this chunk: a long prompt admitted on its first chunk is the newest sequence, so it
             # would preempt itself on a later chunk and redo that chunk over and over.
-            need = self._growth(seq) if self.running else self.kv.num_blocks_needed(seq, n)
-            if self.kv.num_free_blocks - need < headroom or not self.kv.allocate_slots(seq, n):
+            need = self._growth(seq, hit) if self.running else self.kv.num_blocks_needed(seq, n, hit)
+            if self.kv.num_free_blocks - need < headroom or not self.kv.allocate_slots(seq, n, hit):
+                seq.num_computed_tokens -= restored
                 break
+            seq.num_computed_tokens += cached
+            if seq.index == 0 and seq.request.num_cached_tokens is None:
+                seq.request.num_cached_tokens = cached     # what its first admission found cached
+            if restored and not self.offload.restore(seq, self.kv.block_table(seq)):
+                seq.num_computed_tokens = 0     # the entry was lost: compute it (the table covers it)
             self.waiting.popleft()
             seq.status = RequestStatus.RUNNING
             self._insert_running(seq)
@@ -158,16 +199,23 @@ class Scheduler:
             headroom += self._growth(seq)
 
         freed, self._freed = self._freed, []
-        return SchedulerOutput(scheduled, preempted, freed)
+        return SchedulerOutput(scheduled, preempted, freed, moves)
 
-    def _growth(self, seq: Sequence) -> int:
-        """Blocks `seq` needs for the rest of its prompt and its next `admission_headroom` tokens
-        (fewer if its max_tokens ends sooner)."""
+    def _growth(self, seq: Sequence, hit: PrefixHit = NO_HIT) -> int:
+        """Blocks `seq` needs for the rest of its prompt (after the cached prefix `hit`) and its
+        next `admission_headroom` tokens (fewer if its max_tokens ends sooner)."""
         h = self.config.admission_headroom
         max_tokens = seq.request.params.max_tokens
         if max_tokens is not None:
             h = max(0, min(h, max_tokens - seq.num_output_tokens))
-        return self.kv.num_blocks_needed(seq, seq.num_uncomputed_tokens + h)
+        rest = seq.num_uncomputed_tokens - hit.num_blocks * self.kv.block_size
+        return self.kv.num_blocks_needed(seq, self.policy.cache_tokens(seq, rest + h), hit)
+
+    @staticmethod
+    def _may_use_cache(seq: Sequence) -> bool:
+        """Prompt-logprob requests compute their whole prompt (each position's logits are asked
+        for); everything else may start at its cached prefix."""
+        return not seq.request.needs_prompt_logprobs and _keeps_all_kv(seq)
 
     def _headroom(self) -> int:
         """Free blocks that admission leaves to the running sequences' near-term growth, so that
@@ -200,18 +248,39 @@ class Scheduler:
             pos -= 1
         self.running.insert(pos, seq)
 
+    def _restorable(self, seq: Sequence, hit: PrefixHit = NO_HIT) -> int:
+        """For a sequence that holds no KV: tokens a tier restores at admission (a swapped-out
+        sequence, or a chat session's saved history), set as computed until admission fails;
+        0 when the prefix cache's `hit` already covers all of their full blocks (no copy)."""
+        if self.offload is None or seq.num_computed_tokens or self.kv.block_table(seq) \
+                or seq.kv_state is not None:        # an evicting cache is recomputed, not restored
+            return 0
+        tokens = self.offload.restorable_tokens(seq)
+        if tokens and hit.num_blocks >= tokens // self.kv.block_size:
+            self.offload.discard(seq)       # the hot pool still holds it: no copy needed
+            tokens = 0
+        seq.num_computed_tokens = tokens
+        return tokens
+
     def _slice(self, seq: Sequence, n: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
         return ScheduledSeq(seq, start, n, seq.token_ids_slice(start, start + n),
-                            self.kv.block_table(seq))
+                            self.kv.block_table(seq), self.kv.num_cached_tokens(seq))
 
     def _preempt(self, seq: Sequence) -> None:
-        """Drop the sequence's KV; it recomputes prompt + output when readmitted (first in line)."""
+        """Take the sequence's blocks back; when readmitted (first in line) it restores its KV from
+        a tier if the offload swapped it out (chosen by cost), else recomputes prompt + output."""
         self.running.remove(seq)
+        if self.offload is not None and seq.kv_state is None \
+                and self.offload.swap_out(seq, self.kv.block_table(seq)):
+            self.num_swaps += 1
         self.kv.free(seq)
+        self.policy.reset(seq)
         seq.num_computed_tokens = 0
         seq.status = RequestStatus.PREEMPTED
         self.num_preemptions += 1
+        seq.num_preemptions += 1
+        self.max_preemptions_per_seq = max(self.max_preemptions_per_seq, seq.num_preemptions)
         self._freed.append(seq.seq_id)
         self._enqueue(seq)
 
@@ -228,6 +297,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if self.offload is not None:
+            if seq.kv_state is None:            # an evicted history is no session to resume
+                self.offload.keep_session(seq, self.kv.block_table(seq))
+            self.offload.discard(seq)
         self.kv.free(seq)
         seq.status = RequestStatus.FINISHED
         self._freed.append(seq.seq_id)
@@ -244,13 +317,16 @@ class Scheduler:
             if seq.finished:            # aborted while the step ran
                 continue
             seq.num_computed_tokens += s.num_tokens
+            self.policy.computed(seq, s.start, s.num_tokens)
+            if _keeps_all_kv(seq):
+                self.kv.cache_computed_blocks(seq)
             if seq.seq_id in self.forks and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 self._fork(seq)
             if seq.seq_id not in sampled:
                 continue
             token, logprobs = sampled[seq.seq_id]
             done = seq.append_token(token, logprobs)
-            if not done and seq.num_tokens >= self.config.max_model_len:
+            if not done and seq.num_tokens >= self.config.max_model_len and not self.policy.past_context(seq):
                 seq.completion.finish("length")
                 done = True
             if done:
@@ -268,6 +344,12 @@ class Scheduler:
             c.num_computed_tokens = self.kv.fork(parent, c, reusable)
             c.status = RequestStatus.WAITING
             self._enqueue(c)
+
+
+def _keeps_all_kv(seq: Sequence) -> bool:
+    """Only a sequence whose KV policy evicts nothing has blocks that equal their hash's prefix
+    (the engine switches the prefix cache off when its default policy evicts)."""
+    return seq.kv_state is None
 
 
 def _age(seq: Sequence) -> tuple[int, int]:

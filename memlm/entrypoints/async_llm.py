@@ -3,7 +3,7 @@
 Owns: one background task that steps the engine in a worker thread (the event loop stays
 responsive), one queue of `RequestDelta`s per request (what is new since the last step, made by
 `processing.RequestStream`), cancellation (a consumer that stops iterating, or is cancelled,
-aborts its request, which frees its KV blocks), reading the engine's metrics between steps, and
+aborts its request, which frees its KV blocks), reading engine state between steps, and
 surviving a failed step (its requests end with the error; the loop goes on).
 Does not know: HTTP, scheduling or tensors; prompts and deltas are `processing.py`'s, shared
 with `LLM`. Engine state is only touched between steps, from the event loop's thread, so no
@@ -44,7 +44,7 @@ class AsyncLLM:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._stepping = False                  # a step runs in the worker thread right now
-        self._metrics_waiters: list[asyncio.Future] = []
+        self._readers: list[tuple] = []           # (read, future): inspect() during a step
 
     def _ensure_loop(self) -> None:
         if self._task is None or self._task.done():
@@ -80,7 +80,7 @@ class AsyncLLM:
                 continue
             finally:
                 self._stepping = False
-                self._answer_metrics()
+                self._answer_readers()
             for req in changed:
                 entry = self._streams.get(req.request_id)
                 if entry is not None:
@@ -97,25 +97,32 @@ class AsyncLLM:
             self.engine.abort(rid)
             entry = self._streams.get(rid)
             if entry is not None:
-                entry[1].put_nowait(RequestDelta(rid, [], finished=True, error=message))
+                entry[1].put_nowait(RequestDelta(rid, [], finished=True, error=message, internal=True))
             self._release(rid)
 
     async def get_metrics(self):
-        """The engine's metrics, read between steps (never while the worker thread mutates the
-        engine): at once when no step runs, else as soon as the running one ends. None for
-        engines without metrics."""
+        """The engine's metrics, read between steps (None for engines without metrics)."""
+        return await self.inspect(lambda engine: engine.metrics)
+
+    async def inspect(self, read):
+        """`read(engine)`, run between steps (never while the worker thread mutates the
+        engine): at once when no step runs, else as soon as the running one ends, before the
+        next one starts."""
         if not self._stepping:
-            return self.engine.metrics
+            return read(self.engine)
         waiter = asyncio.get_running_loop().create_future()
-        self._metrics_waiters.append(waiter)
+        self._readers.append((read, waiter))
         return await waiter
 
-    def _answer_metrics(self) -> None:
-        if self._metrics_waiters:
-            m, waiters, self._metrics_waiters = self.engine.metrics, self._metrics_waiters, []
-            for w in waiters:
-                if not w.done():
-                    w.set_result(m)
+    def _answer_readers(self) -> None:
+        readers, self._readers = self._readers, []
+        for read, waiter in readers:
+            if waiter.done():
+                continue
+            try:
+                waiter.set_result(read(self.engine))
+            except Exception as e:     # the reader's bug is its caller's error, not the loop's
+                waiter.set_exception(e)
 
     async def deltas(self, req) -> AsyncIterator[RequestDelta]:
         """Hand a prepared Request (from `self.processor.make_request`) to the engine loop and
@@ -190,4 +197,4 @@ class AsyncLLM:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._answer_metrics()
+        self._answer_readers()

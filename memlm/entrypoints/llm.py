@@ -93,6 +93,10 @@ class LLM:
             256; None: 32).
         max_num_seqs, max_num_batched_tokens, block_size, kv_dtype, num_kv_blocks: engine knobs
             (see `memlm.engine.config.EngineConfig`).
+        warm_fraction, session_dir, disk_budget: the KV tiers (`EngineConfig`): a share of the
+            budget's KV memory for compressed KV in RAM (swapped-out requests, idle sessions),
+            and a directory of checksummed KV files under its own disk budget (chat sessions
+            that survive restarts; see `chat(session_id=...)`).
     """
 
     def __init__(self, model=DEFAULT_MODEL, memory_budget: str | int | None = None,
@@ -116,8 +120,13 @@ class LLM:
         if weight_dtype == dtypes.AUTO:
             from memlm.kernels import bf16_matmul_is_fast
             by_name = isinstance(model, str)
-            weight_dtype = "bf16" if by_name and engine == "paged" and bf16_matmul_is_fast(self.device) \
-                else "fp32"
+            fast_bf16 = by_name and engine == "paged" and bf16_matmul_is_fast(self.device)
+            own = None
+            if by_name and engine == "paged" and self.device.type == "cpu":
+                from memlm.loading import native_weight_dtype
+                own = native_weight_dtype(model)     # a GGUF's own precision: Q4_1 -> int4, ...
+            weight_dtype = own if own in ("int4", "int8") or (own == "bf16" and fast_bf16) else \
+                "bf16" if fast_bf16 else "fp32"
         self.weight_dtype = weight_dtype
         self.weight_options = {"group_size": weight_group_size} if weight_group_size is not None else {}
         self.loaded = self._load(model)
@@ -169,14 +178,37 @@ class LLM:
                                sampling_params, use_tqdm)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, session_id=None) -> list[RequestOutput]:
         """Apply the chat template to one conversation (a list of {"role", "content"}) or a list
-        of conversations, then generate. Returns one RequestOutput per conversation."""
+        of conversations, then generate. Returns one RequestOutput per conversation.
+
+        Args:
+            session_id: keep each conversation's KV for its next turn (`kv/sessions.py`): one id
+                (one conversation) or one per conversation. A turn whose prompt starts with the
+                saved history restores it instead of recomputing it. Needs a tier to keep it in:
+                `session_dir=` (disk, survives restarts) and/or `warm_fraction=` (RAM).
+        """
         if not messages:
             raise RequestError("chat needs at least one message: [{'role': 'user', 'content': ...}]")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         items = [self.processor.chat(c, i, add_generation_prompt) for i, c in enumerate(conversations)]
-        return self._run_batch(items, sampling_params, use_tqdm)
+        return self._run_batch(items, sampling_params, use_tqdm,
+                               self.check_session_ids(session_id, len(conversations)))
+
+    def check_session_ids(self, session_id, n: int) -> list[str] | None:
+        """`session_id` (one id, or one per conversation) as a list of `n` validated ids, or None;
+        raises RequestError when they are malformed or this engine keeps no sessions."""
+        if session_id is None:
+            return None
+        from memlm.kv.sessions import validate_session_id
+        ids = [session_id] if isinstance(session_id, str) else list(session_id)
+        if len(ids) != n:
+            raise RequestError(f"got {len(ids)} session ids for {n} conversations: give one per conversation")
+        offload = getattr(self.engine, "offload", None)
+        if offload is None or offload.sessions is None:
+            raise RequestError("session_id needs somewhere to keep the KV: pass session_dir=DIR (disk) "
+                               "or warm_fraction=0.1 (RAM) to LLM, with the paged engine")
+        return [validate_session_id(s) for s in ids]
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None,
                chat: bool = False) -> Iterator[StreamChunk]:
@@ -208,8 +240,11 @@ class LLM:
                 self.engine.abort(req.request_id)
 
     # ---- internals -----------------------------------------------------------------------
-    def _run_batch(self, items, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run_batch(self, items, sampling_params, use_tqdm: bool,
+                   session_ids: list[str | None] | None = None) -> list[RequestOutput]:
         requests = self.processor.make_requests(items, sampling_params)
+        for r, sid in zip(requests, session_ids or [None] * len(requests)):
+            r.session_id = sid
         for r in requests:
             self.engine.add_request(r)
         bar = None

@@ -134,6 +134,8 @@ class RequestDelta:
         (n > 1 completions each get their own, tagged by `index`).
     prompt_logprobs: the prompt's logprobs, in the first delta after they are complete
         (or the last delta, however far they got), else None.
+    error: why the request failed, else None; `internal` says the fault is the server's (an
+        engine step that raised), not the request's (a prompt that can never fit).
     """
 
     request_id: str
@@ -141,6 +143,8 @@ class RequestDelta:
     finished: bool = False
     prompt_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None
+    internal: bool = False
+    num_cached_tokens: int = 0        # prompt tokens served from the prefix cache (once admitted)
 
 
 class RequestStream:
@@ -189,7 +193,8 @@ class RequestStream:
             prompt_logprobs, self._prompt_logprobs_sent = list(req.prompt_logprobs), True
         if not chunks and prompt_logprobs is None:
             return None
-        return RequestDelta(req.request_id, chunks, self.done, prompt_logprobs, req.error)
+        return RequestDelta(req.request_id, chunks, self.done, prompt_logprobs, req.error,
+                            num_cached_tokens=req.num_cached_tokens or 0)
 
 
 class OutputAccumulator:
@@ -217,6 +222,7 @@ class OutputAccumulator:
         if delta.prompt_logprobs is not None:
             out.prompt_logprobs = delta.prompt_logprobs
         out.finished, out.error = delta.finished, delta.error
+        out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
         return self.snapshot()
 
     def snapshot(self) -> RequestOutput:
@@ -226,4 +232,4 @@ class OutputAccumulator:
             [CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason,
                               list(c.logprobs) if c.logprobs is not None else None, c.stop_reason)
              for c in o.outputs],
-            o.finished, o.prompt_logprobs, o.error)
+            o.finished, o.prompt_logprobs, o.error, o.num_cached_tokens)

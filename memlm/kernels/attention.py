@@ -2,8 +2,9 @@
 
 Owns: `decode_attention(...)` over `csrc/paged_attention.c` (built and loaded by `native.py`;
 the kernel's design notes and timings head that file) and `decode_attention_reference(...)`,
-the plain-torch math it is tested against and falls back to. Where no compiler is found, the
-build fails, or MEMLM_NATIVE=0, `available()` is False; `kv.store.PagedView` then uses its own
+the plain-torch math it is tested against and falls back to. Both can add each key's softmax
+weight into a `mass` buffer as they compute (H2O's accumulated attention, `kv/policies.py`). Where no compiler is found, the
+build fails, or MEMLM_NATIVE=0, `available()` is False; `kv.paged_view.PagedView` then uses its own
 batched gather + SDPA instead (same results up to float rounding).
 Does not know: block ownership or scheduling.
 """
@@ -15,7 +16,7 @@ import torch
 
 from memlm.kernels import native
 
-_SIGNATURE = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_float]
+_SIGNATURE = [ctypes.c_void_p] * 9 + [ctypes.c_int] * 6 + [ctypes.c_float]
 _LIBRARY = native.Library("paged_attention", "paged_attention.c",
                           {f"paged_decode_attention_{t}{h}": _SIGNATURE
                            for t in ("f32", "f16", "i8") for h in ("", "_hd64")})
@@ -29,7 +30,8 @@ def available() -> bool:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, lens: torch.Tensor, block_size: int,
-                     k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None) -> torch.Tensor:
+                     k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,
+                     mass: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence attending to its whole cached context.
 
     Args:
@@ -37,6 +39,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache, v_cache: (slots, nkv, hd) fp32, fp16 or int8, contiguous (one layer of the KVStore).
         block_tables: (B, max_nb) int64; lens: (B,) int64 context lengths (incl. this token).
         k_scales, v_scales: (slots, nkv) fp32 row scales, int8 caches only.
+        mass: (B, nkv, max_nb * block_size) fp32 contiguous, or None: each key's attention
+            weight, summed over the query heads of its KV head, is added to it.
     Returns:
         (B, nh, hd) fp32.
     """
@@ -44,23 +48,28 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("an int8 KV cache needs its k/v scales")
     if not available() or k_cache.device.type != "cpu":
         return decode_attention_reference(q, k_cache, v_cache, block_tables, lens, block_size,
-                                          k_scales, v_scales)
+                                          k_scales, v_scales, mass)
     B, nh, hd = q.shape
     nkv = k_cache.shape[1]
+    if mass is not None and (mass.dtype != torch.float32 or not mass.is_contiguous()
+                             or tuple(mass.shape) != (B, nkv, block_tables.shape[1] * block_size)):
+        raise ValueError(f"mass must be a contiguous fp32 (B, nkv, max_nb * block_size) tensor, "
+                         f"got {tuple(mass.shape)} {mass.dtype}")
     out = torch.empty_like(q)
     kind = _KINDS[k_cache.dtype]
     fn = getattr(_LIBRARY.lib, f"paged_decode_attention_{kind}{'_hd64' if (hd, block_size) == (64, 16) else ''}")
     fn(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
        0 if k_scales is None else k_scales.data_ptr(), 0 if v_scales is None else v_scales.data_ptr(),
        block_tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
-       B, nh, nkv, hd, block_size, block_tables.shape[1], hd ** -0.5)
+       0 if mass is None else mass.data_ptr(), B, nh, nkv, hd, block_size, block_tables.shape[1], hd ** -0.5)
     return out
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, lens: torch.Tensor, block_size: int,
                                k_scales: torch.Tensor | None = None,
-                               v_scales: torch.Tensor | None = None) -> torch.Tensor:
+                               v_scales: torch.Tensor | None = None,
+                               mass: torch.Tensor | None = None) -> torch.Tensor:
     """`decode_attention` in plain torch, one sequence at a time (same arguments and result)."""
     B, nh, hd = q.shape
     nkv = k_cache.shape[1]
@@ -76,4 +85,6 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         v = v.transpose(0, 1).repeat_interleave(nh // nkv, 0)
         p = torch.softmax(q[b, :, None].float() @ k.transpose(1, 2) * hd ** -0.5, dim=-1)  # (nh, 1, L)
         out[b] = (p @ v)[:, 0]
+        if mass is not None:
+            mass[b, :, :L] += p[:, 0].view(nkv, nh // nkv, L).sum(1)                     # (nkv, L)
     return out

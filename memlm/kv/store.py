@@ -1,188 +1,204 @@
-"""The tensors behind KV block ids, and the paged `KVView` the model attends through.
+"""The tensors behind KV block ids.
 
-Owns: `KVStore` (one preallocated K and V tensor per attention layer, indexed by
-block id * block_size + offset = slot), `PagedBatch` (the per-step layout: slot mapping,
-prefill segments, decode groups) and `PagedView` (the `KVView` protocol over them).
+Owns: `KVStore` (the pool of every attention layer, allocated once in one KV codec
+(`codecs.py`; int4 / int2 with the fp16 window of `window.py`), indexed by
+block id * block_size + offset = slot): writing, gathering, decode attention in place, block
+export / import, and copying slots (an evicting KV policy packing its kept tokens).
 Does not know: which sequence holds which block or why (`manager.py`, asked by the
-scheduler); the model does not know it is paged.
+scheduler), or a step's layout (`paged_view.py`); the model does not know it is paged.
 
 Layout of one layer's cache, (num_blocks * block_size, n_kv_heads, head_dim):
 
     slot = block_id * block_size + offset
     block 0: [s0 s1 .. s15] block 1: [s16 .. s31] ...
-
-Attention per step:
-  * prefill chunks (T > 1 tokens of one sequence): gather that sequence's blocks, causal SDPA
-    with the chunk's position offset (first chunks attend to their own k/v directly);
-  * decodes (1 token each): sequences of similar length are grouped, their blocks gathered into
-    one padded (B, n_kv, L, head_dim) tensor and attended in one SDPA call with a length mask;
-    the query heads of a KV group ride in SDPA's "query length" axis, so GQA needs no repeat.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-import torch.nn.functional as F
 
+from memlm import dtypes
 from memlm.kernels import attention as paged_attention
-from memlm.models.kv import causal_attention
+from memlm.kernels import attention_kivi
+from memlm.kv import codecs
+from memlm.kv.window import KVWindow
+
+DEFAULT_WINDOW_STAGES = 8      # window stages of a store built without the engine's count
 
 
 class KVStore:
-    """K/V tensors for `num_blocks` blocks across all attention layers, allocated once.
+    """K/V of `num_blocks` blocks across all attention layers, allocated once, in one codec.
 
-    dtype fp32 / fp16 / bf16 store K and V as is. dtype int8 stores each token's K (and V) row
-    of each KV head as int8 with one fp32 scale (symmetric, scale = max|x| / 127, the layout of
-    llama.cpp's q8_0 with a 64-wide block): 68 bytes per head row instead of 128 at fp16,
-    which halves both the pool and the bytes decode attention reads.
+    The codec (`codecs.py`) owns the layout: fp32 / fp16 / bf16 rows as is, int8 rows with a
+    scale per token and head, int4 / int2 KIVI blocks. A block codec also gets a `KVWindow`
+    (`window.py`): each sequence's partial last block stays in fp16 until it fills, then the
+    whole block is encoded at once. Decode attention reads the codes in place (native kernels:
+    `kernels/attention.py`, `kernels/attention_kivi.py`); prefill chunks and the torch path
+    gather and decode.
     """
 
     def __init__(self, attention_depths: tuple[int, ...], num_blocks: int, block_size: int,
-                 n_kv_heads: int, head_dim: int, dtype=torch.float32, device="cpu"):
+                 n_kv_heads: int, head_dim: int, dtype="fp32", device="cpu",
+                 window_stages: int | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+        self.dtype = dtypes.parse(dtype, dtypes.NAMES, "kv_dtype")
         self.layer_of_depth = {d: i for i, d in enumerate(attention_depths)}
         n_layers = max(1, len(attention_depths))
         # zeros, not empty: every page is touched now (RSS shows the whole pool at start-up) and
         # never-written slots read as finite values under the padding mask.
-        self.kv = torch.zeros(n_layers, 2, num_blocks * block_size, n_kv_heads, head_dim,
-                              dtype=dtype, device=device)  # (layers, 2, slots, nkv, hd)
-        self.scales = (torch.zeros(n_layers, 2, num_blocks * block_size, n_kv_heads, device=device)
-                       if dtype == torch.int8 else None)   # (layers, 2, slots, nkv) fp32
-        # Decode attention reads the cache in place with the native kernel where it can.
-        self.native_decode = (self.kv.device.type == "cpu"
-                              and dtype in (torch.float32, torch.float16, torch.int8)
-                              and paged_attention.available())
+        self.codec = codecs.make_codec(self.dtype, n_layers, num_blocks, block_size, n_kv_heads,
+                                       head_dim, device)
+        self.window = None
+        if self.codec.block_granular:
+            stages = window_stages if window_stages is not None else min(num_blocks, DEFAULT_WINDOW_STAGES)
+            self.window = KVWindow(n_layers, num_blocks, max(1, stages), block_size, n_kv_heads,
+                                   head_dim, device)
+        self._plan_slots, self._plan = None, None
+        # Decode attention reads the cache in place with a native kernel where it can.
+        kernel = attention_kivi if self.codec.block_granular else paged_attention
+        self.native_decode = (torch.device(device).type == "cpu" and self.dtype != "bf16"
+                              and kernel.available())
 
     @staticmethod
     def bytes_per_block(n_attention_layers: int, block_size: int, n_kv_heads: int, head_dim: int,
-                        dtype=torch.float32) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        row = head_dim * elem + (4 if dtype == torch.int8 else 0)     # int8 rows carry a scale
-        return n_attention_layers * 2 * block_size * n_kv_heads * row
+                        dtype="fp32") -> int:
+        """Exact bytes one block takes in the pool, scales included (the window is apart)."""
+        name = dtypes.parse(dtype, dtypes.NAMES, "kv_dtype")
+        per_token = codecs.bytes_per_token(name, block_size, n_kv_heads, head_dim)
+        stage_map = 4 if name in codecs.KIVI_VALUE_GROUP else 0     # the window's int32 per block
+        return int(round(n_attention_layers * block_size * per_token)) + stage_map
+
+    @staticmethod
+    def window_bytes(n_attention_layers: int, stages: int, block_size: int, n_kv_heads: int,
+                     head_dim: int, dtype="fp32") -> int:
+        """Bytes of the fp16 stages a block codec keeps beside the pool (0 for token codecs)."""
+        if dtypes.parse(dtype, dtypes.NAMES, "kv_dtype") not in codecs.KIVI_VALUE_GROUP:
+            return 0
+        return n_attention_layers * 2 * stages * block_size * n_kv_heads * head_dim * 2
 
     @property
     def nbytes(self) -> int:
-        scales = 0 if self.scales is None else self.scales.numel() * 4
-        return self.kv.numel() * self.kv.element_size() + scales
+        """Every byte the store holds: the codec's pool, and a block codec's window + stage map."""
+        if self.window is None:
+            return self.codec.nbytes
+        return self.codec.nbytes + self.window.nbytes + self.window.stage_of_block.numel() * 4
 
+    # ---- block export / import (the warm and cold tiers: kv/offload.py) ---------------------
+    def block_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the store that holds per-slot data, by name, whatever the codec's
+        layout: each is (layers, 1 or 2, slots, ...) with the slot on axis 2."""
+        return self.codec.block_tensors()
+
+    def _slots_of(self, block_ids: list[int]) -> torch.Tensor:
+        ids = torch.as_tensor(block_ids, dtype=torch.long)
+        slots = ids[:, None] * self.block_size + torch.arange(self.block_size)   # (nb, bs)
+        return slots.reshape(-1).to(self.codec.device)
+
+    def export_blocks(self, block_ids: list[int]) -> dict[str, torch.Tensor]:
+        """Copies of the blocks' contents, bytes as stored: name -> (layers, 2, nb * bs, ...) on CPU.
+        Partial blocks in the window are encoded first (they reopen when written again)."""
+        if self.window is not None:
+            stages, blocks, fills = (torch.tensor(x, dtype=torch.long) for x in self.window.flush_all(block_ids))
+            for li in range(self.codec.n_layers):
+                self._encode_stages(li, stages, blocks, fills)
+        slots = self._slots_of(block_ids)
+        return {name: t.index_select(2, slots).cpu() for name, t in self.block_tensors().items()}
+
+    def import_blocks(self, block_ids: list[int], tensors: dict[str, torch.Tensor]) -> None:
+        """Write what `export_blocks` returned (of the same layout) into `block_ids`."""
+        own = self.block_tensors()
+        n = len(block_ids) * self.block_size
+        for name, t in own.items():
+            src = tensors.get(name)
+            want = (*t.shape[:2], n, *t.shape[3:])
+            if src is None or tuple(src.shape) != want or src.dtype != t.dtype:
+                raise ValueError(f"KV blocks to import do not match the store's {name!r} layout "
+                                 f"{want} {t.dtype}")
+        if self.window is not None:
+            self.window.flush_all(block_ids)     # stale stages of these ids: the codes win
+        slots = self._slots_of(block_ids)
+        for name, t in own.items():
+            t.index_copy_(2, slots, tensors[name].to(t.device))
+
+    # ---- writing and reading --------------------------------------------------------------
     def layer(self, depth: int) -> tuple:
-        """(k cache, v cache, k scales, v scales) of one layer; scales None unless int8.
-        Caches are (slots, nkv, hd), scales (slots, nkv)."""
-        li = self.layer_of_depth[depth]
-        if self.scales is None:
-            return self.kv[li, 0], self.kv[li, 1], None, None
-        return self.kv[li, 0], self.kv[li, 1], self.scales[li, 0], self.scales[li, 1]
+        """(k cache, v cache, k scales, v scales) of one layer of a token codec; scales None
+        unless int8. Caches are (slots, nkv, hd), scales (slots, nkv)."""
+        li, c = self.layer_of_depth[depth], self.codec
+        scales = getattr(c, "scales", None)
+        if scales is None:
+            return c.kv[li, 0], c.kv[li, 1], None, None
+        return c.kv[li, 0], c.kv[li, 1], scales[li, 0], scales[li, 1]
 
     def write(self, depth: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new tokens' k, v (N, nkv, hd) at `slots` (N,), quantizing for int8."""
-        kc, vc, ks, vs = self.layer(depth)
-        for x, cache, scales in ((k, kc, ks), (v, vc, vs)):
-            if scales is None:
-                cache.index_copy_(0, slots, x.to(cache.dtype))
-                continue
-            x = x.float()
-            scale = x.abs().amax(dim=-1).clamp_min(1e-12) / 127.0          # (N, nkv)
-            cache.index_copy_(0, slots, torch.round(x / scale[..., None]).to(torch.int8))
-            scales.index_copy_(0, slots, scale)
+        """Store new tokens' k, v (N, nkv, hd) at `slots` (N,); the same `slots` tensor for every
+        layer of a step (a block codec plans its window once per step)."""
+        li = self.layer_of_depth[depth]
+        if self.window is None:
+            self.codec.encode(li, slots, k, v)
+            return
+        if slots is not self._plan_slots:
+            self._plan_slots, self._plan = slots, self.window.plan(slots)
+        p, win = self._plan, self.window
+        self._encode_stages(li, *p.flush)
+        if p.reopen[0].numel():
+            kd, vd = self.codec.decode(li, p.reopen[0])                      # (n, bs, nkv, hd)
+            staged = win.kv[li].view(2, win.num_stages, self.block_size, self.n_kv_heads, self.head_dim)
+            staged[:, p.reopen[1]] = torch.stack([kd, vd]).to(torch.float16)
+        if p.stage_rows.numel():
+            win.kv[li, 0].index_copy_(0, p.stage_slots, k[p.stage_rows].to(torch.float16))
+            win.kv[li, 1].index_copy_(0, p.stage_slots, v[p.stage_rows].to(torch.float16))
+        stages, blocks = p.complete
+        self._encode_stages(li, stages, blocks, torch.full_like(stages, self.block_size))
+        if p.direct_blocks.numel():
+            shape = (-1, self.block_size, self.n_kv_heads, self.head_dim)
+            self.codec.encode_blocks(li, p.direct_blocks, k[p.direct_rows].view(shape),
+                                     v[p.direct_rows].view(shape))
 
-    def gather(self, cache: torch.Tensor, block_tables: torch.Tensor, dtype=torch.float32,
-               scales: torch.Tensor | None = None) -> torch.Tensor:
-        """(slots, nkv, hd) cache, (B, nb) block ids -> (B, nkv, nb * block_size, hd) in `dtype`."""
+    def _encode_stages(self, li: int, stages: torch.Tensor, blocks: torch.Tensor, fills: torch.Tensor) -> None:
+        if stages.numel():
+            ks, vs = self.window.padded(li, stages, fills)
+            self.codec.encode_blocks(li, blocks, ks, vs)
+
+    def gather_kv(self, depth: int, block_tables: torch.Tensor, dtype=torch.float32):
+        """(B, nb) block ids -> keys, values (B, nkv, nb * block_size, hd) in `dtype`, decoded
+        (partial blocks of a block codec from the window)."""
         B, nb = block_tables.shape
-        blocks = cache.view(self.num_blocks, self.block_size, self.n_kv_heads, self.head_dim)
-        g = blocks[block_tables].view(B, nb * self.block_size, self.n_kv_heads, self.head_dim)
-        if scales is not None:
-            sc = scales.view(self.num_blocks, self.block_size, self.n_kv_heads)[block_tables]
-            g = g.float() * sc.view(B, nb * self.block_size, self.n_kv_heads, 1)
-        return g.transpose(1, 2).to(dtype)
+        li, ids = self.layer_of_depth[depth], block_tables.reshape(-1)
+        k, v = self.codec.decode(li, ids)                                    # (B * nb, bs, nkv, hd)
+        if self.window is not None:
+            st = self.window.stage_of_block[ids].long()
+            staged = st >= 0
+            if bool(staged.any()):
+                win = self.window.kv[li].view(2, -1, self.block_size, self.n_kv_heads, self.head_dim)
+                k[staged], v[staged] = win[0, st[staged]].float(), win[1, st[staged]].float()
+        shape = (B, nb * self.block_size, self.n_kv_heads, self.head_dim)
+        return k.view(shape).transpose(1, 2).to(dtype), v.view(shape).transpose(1, 2).to(dtype)
 
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the contents of slots `src` (n,) into slots `dst` (n,), every layer (disjoint sets).
 
-@dataclass
-class PrefillSegment:
-    """Rows [start, end) of the step are one sequence's chunk at positions q_offset.."""
+        An evicting KV policy packs a sequence's kept tokens this way (`kv/policies.py`); a
+        block codec encodes whole blocks, so it cannot move single tokens and refuses."""
+        if self.window is not None:
+            raise ValueError(f"kv_dtype {self.dtype} stores whole blocks and cannot evict single tokens; "
+                             "use kv_dtype fp16, fp32 or int8 with an evicting kv_policy")
+        for t in self.block_tensors().values():
+            t.index_copy_(2, dst, t.index_select(2, src))
 
-    start: int
-    end: int
-    q_offset: int
-    block_table: torch.Tensor     # (nb,) blocks covering positions 0 .. q_offset + T - 1
-    seq_id: int
-
-
-@dataclass
-class DecodeGroup:
-    """Rows [start, end) are single decode tokens of sequences with similar context lengths."""
-
-    start: int
-    end: int
-    block_tables: torch.Tensor    # (B, nb) padded with block 0
-    lens: torch.Tensor            # (B,) context length of each sequence (incl. this token)
-    mask: torch.Tensor | None     # (B, 1, 1, nb * block_size) True where a key is visible
-    seq_ids: list[int] = field(default_factory=list)
-
-
-@dataclass
-class PagedBatch:
-    """Everything attention needs about one step's flattened tokens."""
-
-    slot_mapping: torch.Tensor                     # (N,) cache slot each new token's k/v goes to
-    prefills: list[PrefillSegment]
-    decodes: list[DecodeGroup]
-
-
-class PagedView:
-    """`KVView` over a `KVStore` for one step (see the module docstring)."""
-
-    def __init__(self, store: KVStore, batch: PagedBatch, recurrent_states: dict | None = None):
-        self.store, self.batch = store, batch
-        self.states = recurrent_states if recurrent_states is not None else {}
-
-    def attend(self, depth, q, k, v):
-        """q (N, nh, hd); k, v (N, nkv, hd) -> (N, nh, hd) in v's dtype.
-
-        Decode attention always runs in fp32. Prefill attention runs in the inputs' dtype: fp32
-        for an fp32 model, bf16 for a bf16-matmul model (`models/linear/bf16.py`), whose q/k/v were
-        rounded to bf16 by their projection already; SDPA accumulates in fp32 either way.
-        """
-        dt = torch.bfloat16 if v.dtype == torch.bfloat16 else torch.float32
-        store = self.store
-        store.write(depth, self.batch.slot_mapping, k, v)
-        kc, vc, ks, vs = store.layer(depth)
-        out = torch.empty(q.shape, dtype=dt, device=q.device)
-        nh, hd = q.shape[1], q.shape[2]
-        nkv = k.shape[1]
-        for g in self.batch.decodes:
-            B = g.end - g.start
-            qg = q[g.start:g.end].float()
-            if store.native_decode:
-                out[g.start:g.end] = paged_attention.decode_attention(
-                    qg.contiguous(), kc, vc, g.block_tables, g.lens, store.block_size, ks, vs)
-                continue
-            qg = qg.view(B, nkv, nh // nkv, hd)                                # (B, nkv, group, hd)
-            keys = store.gather(kc, g.block_tables, scales=ks)                 # (B, nkv, L, hd)
-            vals = store.gather(vc, g.block_tables, scales=vs)
-            o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=g.mask)  # (B, nkv, group, hd)
-            out[g.start:g.end] = o.reshape(B, nh, hd)
-        for p in self.batch.prefills:
-            T = p.end - p.start
-            qp = q[p.start:p.end].transpose(0, 1)[None].to(dt)                 # (1, nh, T, hd)
-            if p.q_offset == 0:
-                keys = k[p.start:p.end].transpose(0, 1)[None].to(dt)          # (1, nkv, T, hd)
-                vals = v[p.start:p.end].transpose(0, 1)[None].to(dt)
-            else:   # whole blocks: the tail past the chunk is masked (and keeps SDPA aligned)
-                keys = store.gather(kc, p.block_table[None], dt, ks)   # (1, nkv, nb * bs, hd)
-                vals = store.gather(vc, p.block_table[None], dt, vs)
-            out[p.start:p.end] = causal_attention(qp, keys, vals, p.q_offset)[0].transpose(0, 1)
-        return out
-
-    def recurrent(self, depth, x, cell):
-        """x (N, C) -> (N, C), carrying each sequence's state in `recurrent_states`."""
-        out = torch.empty_like(x)
-        segments = [(p.start, p.end, p.seq_id) for p in self.batch.prefills]
-        for g in self.batch.decodes:
-            segments += [(g.start + i, g.start + i + 1, sid) for i, sid in enumerate(g.seq_ids)]
-        for start, end, sid in segments:
-            y, self.states[(sid, depth)] = cell.scan(x[start:end][None], self.states.get((sid, depth)))
-            out[start:end] = y[0]
-        return out
+    def decode_attention(self, depth: int, q: torch.Tensor, block_tables: torch.Tensor,
+                         lens: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
+        """q (B, nh, hd) fp32 contiguous -> (B, nh, hd) fp32 through the native kernel; `mass`
+        ((B, nkv, nb * block_size) fp32) accumulates each key's attention weight (token codecs)."""
+        if self.window is None:
+            kc, vc, ks, vs = self.layer(depth)
+            return paged_attention.decode_attention(q, kc, vc, block_tables, lens, self.block_size,
+                                                    ks, vs, mass)
+        if mass is not None:
+            raise ValueError(f"kv_dtype {self.dtype} does not report attention mass; use fp16, fp32 "
+                             "or int8 with kv_policy h2o / snap")
+        li, c, win = self.layer_of_depth[depth], self.codec, self.window
+        return attention_kivi.decode_attention(
+            q, c.codes[li, 0], c.codes[li, 1], c.key_params(li), c.v_params[li, 0],
+            win.kv[li, 0], win.kv[li, 1], win.stage_of_block, block_tables, lens,
+            self.block_size, c.bits, c.group)

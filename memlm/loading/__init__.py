@@ -24,7 +24,7 @@ from memlm.models.linear import DEFAULT_WEIGHT_DTYPE, get_linear_method
 from memlm.models.registry import DEFAULT_MODEL, is_preset, known_names, resolve_preset
 
 __all__ = ["DEFAULT_MODEL", "IncrementalDetokenizer", "LoadedModel", "Tokenizer", "estimate_load_bytes",
-           "load_gguf", "load_hf_dir", "load_model"]
+           "load_gguf", "load_hf_dir", "load_model", "native_weight_dtype"]
 
 
 def _resolve(name_or_path: str | Path) -> Path:
@@ -48,8 +48,8 @@ def estimate_load_bytes(name_or_path: str | Path, weight_dtype=DEFAULT_WEIGHT_DT
                         **options) -> tuple[int, int] | None:
     """(weights, largest tensor) in bytes once loaded as `weight_dtype` (its linear method's
     `stored_bytes`), read from the file headers only. The second is the loader's transient
-    copy: the tensor as stored for fp32, the largest tensor in fp32 for every other method
-    (each is dequantized to fp32 before it is converted).
+    copy: the largest tensor in fp32 (each is dequantized to fp32 before it is converted),
+    except GGUF blocks the method keeps (`LinearMethod.keeps_blocks`), copied as they are.
 
     None when the source cannot be sized this way (the loader then reports what is wrong).
     Used to refuse a load that could not fit a memory budget before any weight is read.
@@ -58,6 +58,7 @@ def estimate_load_bytes(name_or_path: str | Path, weight_dtype=DEFAULT_WEIGHT_DT
     path = _resolve(name_or_path)
     method = get_linear_method(weight_dtype, torch.device("cpu"), **options)
     shapes: dict[str, tuple[int, ...]] = {}
+    codecs: dict[str, str] = {}          # GGUF tensor -> its ggml type, lower case ("q4_1", "f16")
     try:
         if path.is_dir():
             import json
@@ -70,15 +71,45 @@ def estimate_load_bytes(name_or_path: str | Path, weight_dtype=DEFAULT_WEIGHT_DT
                                if name != "__metadata__"})
         elif path.is_file() and path.suffix not in PICKLE_SUFFIXES:
             from memlm.loading.gguf import open_gguf
-            shapes = {name: tuple(t.shape) for name, t in open_gguf(path).tensors.items()}
+            tensors = open_gguf(path).tensors
+            shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+            codecs = {name: t.ggml_type.name.lower() for name, t in tensors.items()}
     except (OSError, ValueError, KeyError, ModelLoadError):
         return None
     if not shapes:
         return None
-    weights = sum(method.stored_bytes(shape, bool(_TABLE_RE.search(name))) for name, shape in shapes.items())
-    numel = max(math.prod(shape) for shape in shapes.values())
-    largest = method.stored_bytes((numel,), False) if method.name == DEFAULT_WEIGHT_DTYPE else numel * 4
-    return weights, largest
+    weights = sum(method.stored_bytes(shape, bool(_TABLE_RE.search(name)), codecs.get(name))
+                  for name, shape in shapes.items())
+    def transient(name: str, shape: tuple[int, ...]) -> int:    # a tensor's copy while it loads
+        table, codec = bool(_TABLE_RE.search(name)), codecs.get(name)
+        if codec is not None and len(shape) == 2 and method.keeps_blocks(codec, table):
+            return method.stored_bytes(shape, table, codec)      # its blocks, copied once
+        return math.prod(shape) * 4                              # dequantized to fp32
+    return weights, max(transient(name, shape) for name, shape in shapes.items())
+
+
+# A GGUF file's own precision -> the weight dtype that keeps it (`native_weight_dtype`)
+_OWN_DTYPE = {"q4_0": "int4", "q4_1": "int4", "q8_0": "int8", "f16": "bf16", "bf16": "bf16"}
+
+
+def native_weight_dtype(name_or_path: str | Path) -> str | None:
+    """The weight dtype that keeps a GGUF file's own precision (what most of its projection
+    weights are stored in): Q4_0 / Q4_1 -> int4 (blocks kept as loaded), Q8_0 -> int8 (blocks
+    kept), F16 / BF16 -> bf16. None for anything else (F32, K-quants, not a GGUF file)."""
+    path = _resolve(name_or_path)
+    if not path.is_file() or path.suffix in PICKLE_SUFFIXES:
+        return None
+    try:
+        from memlm.loading.gguf import open_gguf
+        tensors = open_gguf(path).tensors.values()
+    except (OSError, ValueError, ModelLoadError):
+        return None
+    count: dict[str, int] = {}
+    for t in tensors:
+        if len(t.shape) == 2 and not _TABLE_RE.search(t.name):
+            kind = t.ggml_type.name.lower()
+            count[kind] = count.get(kind, 0) + math.prod(t.shape)
+    return _OWN_DTYPE.get(max(count, key=count.get)) if count else None
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, weight_dtype=DEFAULT_WEIGHT_DTYPE,

@@ -47,6 +47,7 @@ def release_free_heap() -> None:
 
 
 _LIBC = None
+TABLE_PARTS = ("embed", "pos_embed", "lm_head")     # lookup tables / the LM head, by memlm name
 
 
 class WeightSink:
@@ -95,13 +96,37 @@ class WeightSink:
         else:
             with torch.no_grad():
                 param.copy_(value)
+        self._filled(name, part, last)
+        if value.numel() >= 1 << 18:   # big temporaries just died: give their pages back
+            release_free_heap()
+
+    def keeps_blocks(self, name: str, codec: str) -> bool:
+        """True when the linear method holds weight `name` (memlm naming) in GGUF block `codec`
+        as loaded (`put_blocks` then takes its bytes)."""
+        return (self.method is not None and name.endswith(".weight") and name in self.params
+                and self.params[name].dim() == 2
+                and self.method.keeps_blocks(codec, name.split(".")[0] in TABLE_PARTS))
+
+    def put_blocks(self, name: str, held) -> None:
+        """Hand weight `name`'s GGUF blocks (`memlm.kernels.gemv.BlockWeight`) to its module as
+        `gguf_blocks`; the method adopts them when the part converts (the fp32 parameter is
+        never written, so never resident)."""
+        param = self.params.get(name)
+        shape = (held.out_features, held.in_features)
+        if param is None or tuple(param.shape) != shape:
+            implied = "no place" if param is None else f"shape {tuple(param.shape)}"
+            raise ModelLoadError(f"{self.source}: tensor {name!r} of shape {shape} has {implied} in the "
+                                 "model built from its config; the checkpoint and its config disagree")
+        self.model.get_submodule(name.rpartition(".")[0]).gguf_blocks = held
+        part = next((p for p, names in self.pending.items() if name in names), None)
+        self._filled(name, part, part is not None and self.pending[part] == {name})
+
+    def _filled(self, name: str, part: str | None, last: bool) -> None:
         self.filled.add(name)
         if part is not None:
             self.pending[part].discard(name)
         if last:
             self._convert(part)
-        if value.numel() >= 1 << 18:   # big temporaries just died: give their pages back
-            release_free_heap()
 
     def _convert(self, part: str) -> None:
         del self.pending[part]

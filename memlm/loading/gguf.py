@@ -6,7 +6,9 @@ tensor names -> memlm names, undoing llama.cpp's q/k row permutation, and turnin
 GGUF file can be bad into a `ModelLoadError` with a one-line message.
 Does not know: the tokenizer's internals (`tokenizer.py`) or how weights are kept afterwards.
 The file is memory-mapped (`gguf_file.GGUFFile`); each tensor is dequantized to fp32, copied into
-the model, and its mapped pages are dropped, so the file is never held twice.
+the model, and its mapped pages are dropped, so the file is never held twice. A Q8_0 / Q4_0 /
+Q4_1 tensor whose linear method keeps that codec (`LinearMethod.keeps_blocks`) is copied as its
+blocks instead (rows permuted or split as bytes), never widened to fp32.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from memlm.config import ModelConfig
+from memlm.kernels import gemv
 from memlm.errors import MemlmError, ModelLoadError, UnsupportedModelError
 from memlm.loading.base import LoadedModel, WeightSink
 from memlm.loading.gguf_file import GGUFFile, TensorInfo
@@ -159,16 +162,20 @@ def _load_tensor(sink: WeightSink, cfg: ModelConfig, f: GGUFFile, tensor: Tensor
                                     "this variant is not supported")
     if target == "lm_head.weight" and cfg.tie_word_embeddings:
         return
-    w = _dequantize(f, tensor)                             # (out, in) or (n,) fp32
-    if target.endswith(("attn.qkv.weight", "attn.qkv.bias")):  # gpt2: fused (3H, ...) rows q|k|v
-        for part, chunk in zip("qkv", np.split(w, 3, axis=0)):
-            sink.put(target.replace("qkv", f"{part}_proj"), torch.from_numpy(chunk))
-        return
-    if permute and name.endswith(("attn_q.weight", "attn_q.bias")):
-        w = unpermute_qk(w, cfg.num_heads)
-    elif permute and name.endswith(("attn_k.weight", "attn_k.bias")):
-        w = unpermute_qk(w, cfg.num_kv_heads)
-    sink.put(target, torch.from_numpy(w))
+    fused_qkv = target.endswith(("attn.qkv.weight", "attn.qkv.bias"))  # gpt2: (3H, ...) rows q|k|v
+    targets = [target.replace("qkv", f"{p}_proj") for p in "qkv"] if fused_qkv else [target]
+    codec = tensor.ggml_type.name.lower()
+    keep = codec in gemv.CODECS and all(sink.keeps_blocks(t, codec) for t in targets)
+    w = f.raw(tensor) if keep else _dequantize(f, tensor)   # (out, row bytes) uint8 | (out, in) fp32
+    for t, chunk in zip(targets, np.split(w, 3, axis=0) if fused_qkv else [w]):
+        if permute and name.endswith(("attn_q.weight", "attn_q.bias")):
+            chunk = unpermute_qk(chunk, cfg.num_heads)        # rows move whole: blocks too
+        elif permute and name.endswith(("attn_k.weight", "attn_k.bias")):
+            chunk = unpermute_qk(chunk, cfg.num_kv_heads)
+        if keep:
+            sink.put_blocks(t, gemv.from_gguf_bytes(chunk, codec, chunk.shape[0], tensor.shape[1]))
+        else:
+            sink.put(t, torch.from_numpy(chunk))
 
 
 def load_gguf(path, device="cpu", dtype=torch.float32, method=None) -> LoadedModel:

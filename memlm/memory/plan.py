@@ -6,7 +6,8 @@ shape into a typed, frozen `MemoryPlan` that the engine applies and `memlm info`
            + matmul state (what the warm-up left for good: oneDNN per-shape state, measured)
            + step workspace (peak of two warm-up steps of the largest shape, measured)
            + safety margin (MIN_MARGIN + what the profile steps left resident + ALLOCATOR_SLACK)
-           + KV pool (whatever is left, in whole blocks)
+           + KV memory (whatever is left): the warm tier's share (EngineConfig.warm_fraction:
+             compressed KV of swapped-out requests and idle sessions) + the hot pool, in whole blocks
 
 Owns: that arithmetic, the cap on useful blocks, the refusal (`OutOfBudgetError` with the size
 to ask for) when not even a minimal KV cache fits, and the heap-trim threshold derived from it.
@@ -57,6 +58,8 @@ class MemoryPlan:
     matmul_state: int = 0
     workspace: int = 0
     margin: int = 0
+    warm_bytes: int = 0       # the warm KV tier's capacity (compressed blobs in RAM)
+    kv_window: int = 0        # int4 / int2 KV: fp16 window of partial blocks (kv/window.py)
 
     @property
     def kv_pool(self) -> int:
@@ -83,13 +86,14 @@ class MemoryPlan:
                 ("weights + tokenizer (resident)", self.load_overhead),
                 ("matmul state (warm-up)", self.matmul_state),
                 ("step workspace (profiled)", self.workspace), ("safety margin", self.margin),
-                ("KV pool", self.kv_pool)]
+                ("KV pool", self.kv_pool)] + ([("KV fp16 window", self.kv_window)] if self.kv_window else []) + ([("warm KV tier", self.warm_bytes)] if self.warm_bytes else [])
         return "\n".join([f"  {name:<32}{format_size(v):>12}" for name, v in rows] + [blocks])
 
 
 def plan_memory(budget: MemoryBudget, profile: StepProfile, weights: int, block_bytes: int,
                 block_size: int, kv_dtype: str, max_blocks: int | None = None,
-                min_tokens: int = MIN_KV_TOKENS) -> MemoryPlan:
+                min_tokens: int = MIN_KV_TOKENS, warm_fraction: float = 0.0,
+                kv_window: int = 0) -> MemoryPlan:
     """The plan for `budget` after loading and profiling; raises if not even `min_tokens` fit.
 
     Args:
@@ -97,13 +101,17 @@ def plan_memory(budget: MemoryBudget, profile: StepProfile, weights: int, block_
         block_bytes: bytes of one KV block across all layers.
         max_blocks: blocks the engine can ever use (every sequence at full length) or an
             explicit override; the plan never exceeds it, nor what the budget leaves.
+        warm_fraction: share of the KV memory reserved for the warm tier, taken before blocks.
+        kv_window: bytes of the fp16 window of int4 / int2 KV (`kv/window.py`), taken before blocks.
     """
     margin = MIN_MARGIN + profile.left_resident + int(budget.total * ALLOCATOR_SLACK)
-    left = budget.total - profile.resident_after - profile.workspace - margin
-    blocks = max(0, left // block_bytes)
+    left = budget.total - profile.resident_after - profile.workspace - margin - kv_window
+    warm = int(max(0, left) * warm_fraction)
+    blocks = max(0, (left - warm) // block_bytes)
     min_blocks = -(-min_tokens // block_size)
     if blocks < min_blocks:
-        need = profile.resident_after + profile.workspace + margin + min_blocks * block_bytes
+        kv_need = int(min_blocks * block_bytes / (1 - warm_fraction))
+        need = profile.resident_after + profile.workspace + margin + kv_window + kv_need
         raise OutOfBudgetError(f"memory budget {format_size(budget.total)} cannot hold the model and a "
                                f"minimal KV cache ({min_tokens} tokens): needs at least "
                                f"{format_size(need)}; use --memory-budget {round_up(need)}")
@@ -112,4 +120,4 @@ def plan_memory(budget: MemoryBudget, profile: StepProfile, weights: int, block_
     return MemoryPlan(block_size=block_size, block_bytes=block_bytes, num_blocks=max(1, int(blocks)),
                       kv_dtype=kv_dtype, total=budget.total, baseline=budget.baseline, weights=weights,
                       load_overhead=budget.load_overhead, matmul_state=profile.matmul_state,
-                      workspace=profile.workspace, margin=margin)
+                      workspace=profile.workspace, margin=margin, warm_bytes=warm, kv_window=kv_window)

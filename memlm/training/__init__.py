@@ -22,7 +22,7 @@ _EXPORTS = {
     "OnlineConfig": "online", "OnlineLearner": "online",
     "TrainConfig": "trainer", "Trainer": "trainer",
     "DistillRun": "runs", "EvalRun": "runs", "OnlineRun": "runs", "TrainRun": "runs",
-    "run_eval": "train_run", "run_online": "train_run", "run_train": "train_run", "run_distill": "distill_run",
+    "run_online": "train_run", "run_train": "train_run", "run_distill": "distill_run",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,6 +1,7 @@
 """Perplexity of a model on a text: sliding windows through `forward_dense`.
 
-Owns: the scoring of a long token sequence with a bounded context. Does not know: how the model
+Owns: the windows that score a long token sequence with a bounded context (`windows`, also
+used by `entrypoints/evaluate.py` through the engine) and scoring them with `forward_dense`. Does not know: how the model
 or tokenizer were loaded (the CLI uses `memlm.loading.load_model`).
 
 With context C and stride S (S <= C), window i covers tokens [i*S, i*S + C) and scores only the
@@ -21,6 +22,7 @@ import torch
 from memlm.errors import MemlmError
 
 CONTEXT = 512       # tokens of context per scored window
+EVAL_CHUNK = 256    # prefill tokens per engine step when `memlm eval` scores through the engine
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,19 @@ class Perplexity:
     @property
     def ppl(self) -> float:
         return math.exp(self.nll)
+
+
+def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows scoring n tokens (module diagram): (start, end, first scored offset inside)."""
+    jobs = []
+    scored_to, start = 1, 0           # token 0 is never scored
+    while scored_to < n:
+        end = min(start + context, n)
+        jobs.append((start, end, scored_to - start))
+        scored_to = end
+        # the next window starts at most at end-1, so its first scored token has context
+        start = max(0, min(start + stride, end - 1, n - context))
+    return jobs
 
 
 @torch.inference_mode()
@@ -51,16 +66,8 @@ def perplexity(model, ids: list[int] | torch.Tensor, context: int = CONTEXT, str
     context = min(context, getattr(model.cfg, "max_position_embeddings", context))
     stride = min(stride, context)
     model.eval()
-    jobs = []                         # (start, end, first scored offset inside the window)
-    scored_to, start = 1, 0           # token 0 is never scored
-    while scored_to < len(ids):
-        end = min(start + context, len(ids))
-        jobs.append((start, end, scored_to - start))
-        scored_to = end
-        # the next window starts at most at end-1, so its first scored token has context
-        start = max(0, min(start + stride, end - 1, len(ids) - context))
     total, count = 0.0, 0
-    for s, e, first in jobs:
+    for s, e, first in windows(len(ids), context, stride):
         x = ids[s:e][None]                                            # (1, L)
         h = model.forward_dense(x[:, :-1])                            # (1, L-1, H)
         h = h[0, first - 1:]                                          # rows predicting x[first:]

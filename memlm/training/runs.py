@@ -12,13 +12,13 @@ thread count (the CLI applies them), or the work itself (`train_run`, `distill_r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from memlm.errors import MemlmError
 from memlm.models.registry import DEFAULT_MODEL
 from memlm.training.data import VAL_FRACTION
 from memlm.training.distill import DistillConfig
-from memlm.training.evaluate import CONTEXT
+from memlm.training.evaluate import CONTEXT, EVAL_CHUNK
 from memlm.training.online import CHUNK_CHARS, MAX_WAIT_S, POLL_S, OnlineConfig
 from memlm.training.students import DEFAULT_STUDENT, FIT_CONTEXT, FIT_WEIGHT_DTYPE, parse_weight_dtype
 from memlm.training.teacher_cache import TOP_K
@@ -123,18 +123,26 @@ class OnlineRun:
 
 @dataclass(frozen=True)
 class EvalRun:
-    """`memlm eval`: perplexity of `model` on `text_file` with a bounded context."""
+    """`memlm eval`: perplexity of `model` on `text_file` with a bounded context, through the
+    paged engine with the cache and weight settings generation uses (`entrypoints/evaluate.py`)."""
     model: str
     text_file: str
     context: int = CONTEXT
     stride: int | None = None             # window step (None: = context)
     max_tokens: int | None = None         # score only the first N tokens
+    chunk: int = EVAL_CHUNK               # prefill tokens per engine step
+    kv_dtype: str = "auto"                # the engine's KV codec (memlm.dtypes names)
+    weight_dtype: str = "auto"
+    memory_budget: str | None = None
+    json: bool = False                    # print one JSON object instead of a sentence
+    kv_policy: dict = field(default_factory=dict)   # SamplingParams kv_* fields (kv/policies.py)
 
     def __post_init__(self):
         _positive(self.context, "--context")
         if self.stride is not None and not 0 < self.stride <= self.context:
             raise MemlmError(f"--stride must be in 1..context ({self.context}), got {self.stride}")
         _positive(self.max_tokens, "--max-tokens", optional=True)
+        _positive(self.chunk, "--chunk")
 
 
 def load(name: str):

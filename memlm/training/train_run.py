@@ -1,8 +1,8 @@
-"""The `memlm train` and `memlm eval` pipelines: a run config in, printed results and a checkpoint out.
+"""The `memlm train` pipelines: a run config in, printed results and a checkpoint out.
 
 Owns: the order of the steps of a training run (tokenizer -> student -> token files -> trainer ->
-checkpoint), of an online run (model -> replay seed -> test-then-train per chunk -> save), and of
-an evaluation, and what is printed about them. Does not know: argparse or process-wide settings
+checkpoint), of an online run (model -> replay seed -> test-then-train per chunk -> save), and what is printed
+about them (`memlm eval` runs through the engine: `memlm.entrypoints.evaluate`). Does not know: argparse or process-wide settings
 (the CLI builds the run config and sets threads), the loop (`trainer.py`), online learning
 (`online.py`) or the scoring (`evaluate.py`).
 Each function returns an exit code; user errors raise `MemlmError`.
@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from memlm.errors import MemlmError
-from memlm.training.runs import EvalRun, OnlineRun, TrainRun, finish, load
+from memlm.training.runs import OnlineRun, TrainRun, finish, load
 
 
 def make_tokenizer(spec: str, corpus: str):
@@ -81,21 +81,4 @@ def run_online(run: OnlineRun) -> int:
     if run.out:
         checkpoint.save_model(learner.model, run.out, lm.tokenizer)
         print(f"saved {run.out}")
-    return 0
-
-
-def run_eval(run: EvalRun) -> int:
-    """Print the perplexity of `run.model` on `run.text_file`."""
-    import torch
-
-    from memlm.training.evaluate import perplexity
-    path = Path(run.text_file)
-    if not path.is_file():
-        raise MemlmError(f"--text-file {path} does not exist")
-    lm = load(run.model)
-    ids = lm.tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))[:run.max_tokens]
-    with torch.inference_mode():
-        r = perplexity(lm.model, ids, context=run.context, stride=run.stride)
-    print(f"{run.model} on {path.name}: perplexity {r.ppl:.3f} (nll {r.nll:.4f} nats/token over "
-          f"{r.tokens} tokens, context {run.context}, stride {run.stride or run.context})")
     return 0

@@ -22,7 +22,8 @@ TOP_K = 0
 
 # Engine knobs the flags below may set, by their EngineConfig / LLM keyword.
 ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "kv_dtype", "num_threads", "weight_dtype",
-                "weight_group_size")
+                "weight_group_size", "warm_fraction", "disk_budget", "session_dir",
+                "enable_prefix_caching", "prefix_cache_policy")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -52,8 +53,42 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     from memlm.kernels.quant import INT4_DEFAULT_GROUP, INT4_GROUP_SIZES
     p.add_argument("--weight-group-size", type=int, default=None, choices=INT4_GROUP_SIZES,
                    help=f"inputs per scale of int4 weights (default {INT4_DEFAULT_GROUP})")
+    p.add_argument("--warm-fraction", type=float, default=None,
+                   help=f"share of the budget's KV memory for the warm tier: compressed KV of swapped-out "
+                        f"requests and idle chat sessions (default {engine_config.WARM_FRACTION}: off)")
+    p.add_argument("--session-dir", default=None,
+                   help="directory of the cold KV tier: persistent chat sessions (and swap spill)")
+    p.add_argument("--disk-budget", default=None,
+                   help=f"bound on the files in --session-dir (default {engine_config.DISK_BUDGET})")
+    from memlm.kv.prefix_eviction import POLICIES as PREFIX_CACHE_POLICIES
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_const",
+                   const=False, default=None,
+                   help="do not reuse the KV of prompt prefixes seen before (default: reuse them)")
+    p.add_argument("--prefix-cache-policy", default=None, choices=PREFIX_CACHE_POLICIES,
+                   help=f"which cached prefix block is reclaimed first: lru, or cost (frequency x "
+                        f"recompute cost, leaves first) (default {engine_config.PREFIX_CACHE_POLICY})")
     p.add_argument("--threads", dest="num_threads", type=int, default=None,
                    help="CPU threads (default: torch's choice; 1 can be faster on a busy machine)")
+
+
+def add_kv_policy_args(p: argparse.ArgumentParser) -> None:
+    """--kv-policy, --kv-window, --kv-sinks, --kv-budget (memlm.kv.policies; SamplingParams fields)."""
+    from memlm.kv.policies import POLICIES
+    p.add_argument("--kv-policy", default=None, choices=POLICIES,
+                   help=f"KV eviction per sequence (default {engine_config.KV_POLICY}): window / sinks run "
+                        "past the model's context in flat memory; h2o / snap keep --kv-budget tokens")
+    p.add_argument("--kv-window", type=int, default=None,
+                   help=f"recent tokens kept (default {engine_config.KV_WINDOW}; h2o / snap: half the budget)")
+    p.add_argument("--kv-sinks", type=int, default=None,
+                   help=f"first tokens always kept (default {engine_config.KV_SINKS})")
+    p.add_argument("--kv-budget", type=int, default=None,
+                   help=f"most cached tokens per sequence, h2o / snap (default {engine_config.KV_BUDGET})")
+
+
+def kv_policy_fields(args) -> dict:
+    """The SamplingParams kv_* fields of the flags that were given."""
+    return {k: getattr(args, k) for k in ("kv_policy", "kv_window", "kv_sinks", "kv_budget")
+            if getattr(args, k, None) is not None}
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -64,12 +99,13 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=TOP_P, help="(default %(default)s)")
     p.add_argument("--top-k", type=int, default=TOP_K, help="0 = off (default %(default)s)")
     p.add_argument("--seed", type=int, default=None)
+    add_kv_policy_args(p)
 
 
 def sampling_params(args):
     from memlm.sampling import SamplingParams
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, **kv_policy_fields(args))
 
 
 def engine_kwargs(args) -> dict:

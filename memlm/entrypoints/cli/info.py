@@ -34,7 +34,11 @@ def cmd_info(args) -> int:
     model = loaded.model
     by_codec = sorted(model.linear_method.bytes_by_codec(model).items(), key=lambda kv: -kv[1])
     print("  by codec:   " + ", ".join(f"{label} {format_size(n)}" for label, n in by_codec))
-    print(f"kv cache:     {format_size(cfg.kv_bytes_per_token)} per token (fp32)")
+    if llm is not None:     # the pool's own codec, scales included
+        plan = llm.engine.plan
+        print(f"kv cache:     {format_size(plan.block_bytes / plan.block_size)} per token ({plan.kv_dtype})")
+    else:
+        print(f"kv cache:     {format_size(cfg.kv_bytes_per_token)} per token (fp32)")
     if llm is not None:
         print(f"memory plan (--memory-budget {args.memory_budget}):")
         print(llm.engine.describe_plan())

@@ -3,7 +3,8 @@
 Owns: the command-line surface of training: the flags (their defaults and help read the run
 configs' defaults in `memlm.training.runs`), turning parsed flags into a `TrainRun`,
 `OnlineRun`, `DistillRun` or `EvalRun`, and the process-wide settings of a run (threads).
-Does not know: what a run does (`memlm.training.train_run`, `memlm.training.distill_run`); no
+Does not know: what a run does (`memlm.training.train_run`, `memlm.training.distill_run`,
+`memlm.entrypoints.evaluate` for eval); no
 `argparse.Namespace` goes below this module.
 Handlers take the parsed `args` and return an exit code; user errors raise `MemlmError`.
 """
@@ -12,12 +13,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from memlm import runtime
+from memlm import dtypes, runtime
+from memlm.engine.config import KV_DTYPES
+from memlm.entrypoints.cli.args import add_kv_policy_args, kv_policy_fields
 from memlm.training.distill_run import run_distill
 from memlm.training.runs import DistillRun, EvalRun, LoopRun, OnlineRun, TrainRun
 from memlm.training.schedules import SCHEDULE_NAMES
 from memlm.training.students import FIT_DTYPES
-from memlm.training.train_run import run_eval, run_online, run_train
+from memlm.training.train_run import run_online, run_train
 
 # flags of the training group that are `TrainConfig` fields of the same name
 _LOOP_FLAGS = ("steps", "batch_size", "seq_len", "accum", "lr", "schedule", "warmup", "weight_decay",
@@ -112,12 +115,22 @@ def add_commands(subparsers) -> None:
     _add_train_args(d, DistillRun)
     d.set_defaults(func=cmd_distill)
 
-    e = subparsers.add_parser("eval", help="perplexity of a model on a text file")
-    e.add_argument("--model", required=True)
+    e = subparsers.add_parser("eval", help="perplexity of a model on a text file, through the paged engine")
+    e.add_argument("--model", required=True, help="model name, .gguf file or directory")
     e.add_argument("--text-file", required=True)
-    e.add_argument("--context", type=int, default=EvalRun.context)
+    e.add_argument("--context", type=int, default=EvalRun.context, help="tokens per window (default %(default)s)")
     e.add_argument("--stride", type=int, default=EvalRun.stride, help="window step (default: = context)")
     e.add_argument("--max-tokens", type=int, default=EvalRun.max_tokens, help="score only the first N tokens")
+    e.add_argument("--chunk", type=int, default=EvalRun.chunk,
+                   help="prefill tokens per engine step: later chunks read K/V back from the cache (default %(default)s)")
+    e.add_argument("--kv-dtype", default=EvalRun.kv_dtype, choices=dtypes.choices(KV_DTYPES, allow_auto=True),
+                   metavar="{" + ",".join([dtypes.AUTO, *KV_DTYPES]) + "}", help="KV cache codec (default %(default)s)")
+    e.add_argument("--weight-dtype", "--dtype", dest="weight_dtype", default=EvalRun.weight_dtype,
+                   help="weights and matmuls, as for generation (default %(default)s)")
+    e.add_argument("--memory-budget", default=EvalRun.memory_budget, help="bound on the process's memory, e.g. 1GiB")
+    e.add_argument("--json", action="store_true", help="print one JSON object (perplexity, tokens, ...)")
+    add_kv_policy_args(e)      # with --chunk 1 every token is a decode step through the policy's cache
+    e.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     e.set_defaults(func=cmd_eval)
 
 
@@ -158,7 +171,9 @@ def distill_run(args) -> DistillRun:
 def eval_run(args) -> EvalRun:
     """The `EvalRun` of parsed `memlm eval` flags."""
     return EvalRun(model=args.model, text_file=args.text_file, context=args.context, stride=args.stride,
-                   max_tokens=args.max_tokens)
+                   max_tokens=args.max_tokens, chunk=args.chunk, kv_dtype=args.kv_dtype,
+                   weight_dtype=args.weight_dtype, memory_budget=args.memory_budget, json=args.json,
+                   kv_policy=kv_policy_fields(args))
 
 
 def _start(work, run, threads: int | None) -> int:
@@ -178,4 +193,5 @@ def cmd_distill(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    return run_eval(eval_run(args))
+    from memlm.entrypoints import evaluate          # imported late: it builds an engine
+    return _start(evaluate.run, eval_run(args), args.threads)

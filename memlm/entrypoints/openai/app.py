@@ -4,7 +4,7 @@ Owns: `ServerState` (loading -> ready -> draining; the model is loaded by a back
 started in the lifespan, after which `/health` turns from 503 to 200), `Gate` (an ASGI
 middleware run before any route: 503 while draining, 401 for a missing or wrong API key on the
 API routes — compared in constant time —, 413 for a body over the limit, 503 while loading),
-and the routes, each a thin call into `completions.py`, `chat.py` or the tokenizer.
+and the routes, each a thin call into `completions.py`, `chat.py`, `slots.py` or the tokenizer.
 Does not know: command-line flags or uvicorn (`memlm.entrypoints.cli.serve`); how responses are
 built. Requests never reach the filesystem: prompts are text or token ids, the model is fixed.
 """
@@ -28,11 +28,12 @@ from memlm.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
 from memlm.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
                                                DetokenizeRequest, TokenizeRequest)
 from memlm.entrypoints.openai.serving import ClientGone, OpenAIServing
+from memlm.entrypoints.openai.slots import engine_slots
 from memlm.errors import MemlmError, RequestError
 
 MAX_BODY_BYTES = 8 * 2**20          # a 100k-token prompt as JSON token ids is ~0.7 MiB
 DRAIN_FACTOR = 8                    # an oversized body is read and dropped up to this many limits
-_API_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
+_API_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info", "/slots")
 logger = logging.getLogger(__name__)
 
 
@@ -202,6 +203,11 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request):
         return await chat.create_chat_completion(serving(), body, raw)
+
+    @app.get("/slots")
+    async def slots():
+        """llama-server's /slots: each request the engine holds (`slots.py`), read between steps."""
+        return await serving().engine.inspect(engine_slots)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

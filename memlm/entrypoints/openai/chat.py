@@ -51,6 +51,11 @@ async def create_chat_completion(serving: OpenAIServing, body: ChatCompletionReq
                                   max_tokens=max_tokens, structured_output=body.structured_output(),
                                   logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     request = serving.make_request(prompt, params, given, "messages")
+    if body.session_id is not None:      # kv/sessions.py: the next turn resumes this one's KV
+        try:
+            request.session_id = serving.llm.check_session_ids(body.session_id, 1)[0]
+        except RequestError as e:
+            raise bad_request(str(e), "session_id") from None
     submission = serving.submit([request])
     rid = new_id("chatcmpl")
     if body.stream:
@@ -69,13 +74,13 @@ async def _whole(serving: OpenAIServing, body: ChatCompletionRequest, submission
         acc.add(delta)
     out = acc.snapshot()
     if out.error:
-        raise bad_request(out.error, "messages")
+        raise submission.failure(0, out.error, "messages")
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": _lp(serving, body, c.token_ids, c.logprobs),
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
     return serving.envelope("chat.completion", rid, choices=choices,
                             usage=usage(len(request.prompt_token_ids),
-                                        sum(len(c.token_ids) for c in out.outputs)))
+                                        sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens))
 
 
 async def _stream(serving: OpenAIServing, body: ChatCompletionRequest, submission, rid: str):
@@ -90,7 +95,7 @@ async def _stream(serving: OpenAIServing, body: ChatCompletionRequest, submissio
                       "finish_reason": None} for j in range(len(request.sequences))])
         async for _, delta in submission.deltas():
             if delta.error:
-                yield sse_error(delta.error)
+                yield sse_error(delta)
                 break
             for c in delta.chunks:
                 generated += len(c.token_ids)
@@ -104,7 +109,8 @@ async def _stream(serving: OpenAIServing, body: ChatCompletionRequest, submissio
         else:
             if body.include_usage:
                 yield sse(serving.envelope("chat.completion.chunk", rid, choices=[],
-                                           usage=usage(len(request.prompt_token_ids), generated)))
+                                           usage=usage(len(request.prompt_token_ids), generated,
+                                                       request.num_cached_tokens or 0)))
         yield sse("[DONE]")
     finally:
         await submission.close()

@@ -4,7 +4,7 @@ Owns: this endpoint's prompt forms, `echo` (the prompt's text, and with `logprob
 log-probabilities, first token None — how lm-evaluation-harness scores log-likelihoods with
 `echo=true, logprobs=1, max_tokens=0` or `1`), `max_tokens=0` (the engine samples one token,
 which is dropped), OpenAI's `logprobs` object, choice numbering (prompt i, completion j ->
-index i*n + j) and usage.
+index i*n + j) and usage. `response_format` is parsed as for chat (`protocol.py`).
 Does not know: admission, streaming mechanics or disconnects (`serving.py`).
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest, raw
     prompts = _prompts(serving, body.prompt)
     params = body.sampling_params(
         max_tokens=1 if body.max_tokens == 0 else body.max_tokens, logprobs=body.logprobs,
-        prompt_logprobs=body.logprobs if body.echo else None)
+        prompt_logprobs=body.logprobs if body.echo else None, structured_output=body.structured_output())
     requests = [serving.make_request(p, params, body.max_tokens is not None, "prompt") for p in prompts]
     choices = _Choices(serving, body, prompts)
     submission = serving.submit(requests)
@@ -103,15 +103,16 @@ async def _whole(serving: OpenAIServing, choices: _Choices, submission, rid: str
     async for i, delta in submission.deltas():
         accs[i].add(delta)
     outs = [a.snapshot() for a in accs]
-    for o in outs:
+    for i, o in enumerate(outs):
         if o.error:
-            raise bad_request(o.error, "prompt")
+            raise submission.failure(i, o.error, "prompt")
     data = [choices.choice(i, c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason,
                            o.prompt_logprobs, echo=choices.body.echo)
             for i, o in enumerate(outs) for c in o.outputs]
     generated = 0 if choices.discard else sum(len(c.token_ids) for o in outs for c in o.outputs)
     return serving.envelope("text_completion", rid, choices=sorted(data, key=lambda c: c["index"]),
-                            usage=usage(sum(len(p.token_ids) for p in choices.prompts), generated))
+                            usage=usage(sum(len(p.token_ids) for p in choices.prompts), generated,
+                                        sum(o.num_cached_tokens for o in outs)))
 
 
 async def _stream(serving: OpenAIServing, body: CompletionRequest, choices: _Choices, submission, rid):
@@ -121,7 +122,7 @@ async def _stream(serving: OpenAIServing, body: CompletionRequest, choices: _Cho
     try:
         async for i, delta in submission.deltas():
             if delta.error:
-                yield sse_error(delta.error)
+                yield sse_error(delta)
                 break
             for c in delta.chunks:
                 echo = body.echo and (i, c.index) not in echoed
@@ -139,7 +140,8 @@ async def _stream(serving: OpenAIServing, body: CompletionRequest, choices: _Cho
             if body.include_usage:
                 prompt_tokens = sum(len(p.token_ids) for p in choices.prompts)
                 yield sse(serving.envelope("text_completion", rid, choices=[],
-                                           usage=usage(prompt_tokens, generated)))
+                                           usage=usage(prompt_tokens, generated, sum(
+                                               r.num_cached_tokens or 0 for r in submission.requests))))
         yield sse("[DONE]")
     finally:
         await submission.close()

@@ -47,6 +47,15 @@ class _EngineCollector:
                                     value=m.num_kv_blocks)
             yield CounterMetricFamily("memlm:num_preemptions", "Sequences preempted (recomputed later)",
                                       value=m.num_preemptions)
+            # vLLM's names: hit rate = hits / queries, both in prompt tokens
+            yield CounterMetricFamily("memlm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      value=m.prefix_cache_queries)
+            yield CounterMetricFamily("memlm:prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                      value=m.prefix_cache_hits)
+            yield GaugeMetricFamily("memlm:prefix_cache_blocks", "KV blocks findable in the prefix cache",
+                                    value=m.prefix_cache_blocks)
+            yield CounterMetricFamily("memlm:prefix_cache_evictions", "Cached prefix blocks reclaimed",
+                                      value=m.prefix_cache_evictions)
         if llm.budget is not None:
             yield GaugeMetricFamily("memlm:memory_budget_bytes", "The --memory-budget", value=llm.budget.total)
         plan = getattr(llm.engine, "plan", None)

@@ -48,6 +48,7 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -55,7 +56,24 @@ class _SamplingRequest(BaseModel):
 
     def unsupported(self) -> dict[str, Any]:
         """Fields given at a value memlm does not implement -> {name: value}."""
-        return {"logit_bias": self.logit_bias} if self.logit_bias else {}
+        out = {"logit_bias": self.logit_bias} if self.logit_bias else {}
+        kind = (self.response_format or {}).get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            out["response_format"] = kind
+        return out
+
+    def structured_output(self) -> StructuredOutput | None:
+        """response_format json_object / json_schema as memlm's StructuredOutput (text: None)."""
+        fmt = self.response_format or {}
+        if fmt.get("type") == "json_object":
+            return StructuredOutput()
+        if fmt.get("type") == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise bad_request("response_format.json_schema.schema must be a JSON Schema object",
+                                  "response_format")
+            return StructuredOutput(json_schema=schema)
+        return None
 
     def sampling_params(self, renames: dict[str, str] | None = None, **fields) -> SamplingParams:
         """SamplingParams from the request's sampling fields plus `fields` (None = the default).
@@ -126,30 +144,14 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    session_id: str | None = None      # memlm extension: keep this conversation's KV for its next turn
 
     def unsupported(self) -> dict[str, Any]:
         out = super().unsupported()
-        kind = (self.response_format or {}).get("type", "text")
-        if kind not in ("text", "json_object", "json_schema"):
-            out["response_format"] = kind
         if self.tools:
             out["tools"] = f"{len(self.tools)} tools"
         return out
-
-    def structured_output(self) -> StructuredOutput | None:
-        """response_format json_object / json_schema as memlm's StructuredOutput (text: None)."""
-        fmt = self.response_format or {}
-        if fmt.get("type") == "json_object":
-            return StructuredOutput()
-        if fmt.get("type") == "json_schema":
-            schema = (fmt.get("json_schema") or {}).get("schema")
-            if not isinstance(schema, dict):
-                raise bad_request("response_format.json_schema.schema must be a JSON Schema object",
-                                  "response_format")
-            return StructuredOutput(json_schema=schema)
-        return None
 
     def conversation(self) -> list[dict[str, str]]:
         return [m.template_dict() for m in self.messages]

@@ -102,17 +102,21 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens served from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def sse_error(message: str) -> str:
-    return sse(error_body(400, message))
+def sse_error(delta: RequestDelta) -> str:
+    """A failed request's error event: 500 when the server is at fault, else 400."""
+    status = 500 if delta.internal else 400
+    return sse(error_body(status, delta.error, None, "internal_error" if delta.internal else None))
 
 
 class Submission:
@@ -129,6 +133,7 @@ class Submission:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._waiting = set(range(len(requests)))      # no output yet
         self._reasons: list[dict[int, str]] = [{} for _ in requests]
+        self._internal = [False] * len(requests)       # failed by the server, not the request
         self._timers = [RequestTimer(serving.metrics, len(r.prompt_token_ids)) for r in requests]
         serving.num_waiting += len(requests)
         self._tasks = []
@@ -150,6 +155,7 @@ class Submission:
             if new_tokens or delta.finished:
                 self._started(i)
             timer.tokens(new_tokens)
+            self._internal[i] = self._internal[i] or delta.internal
             for c in delta.chunks:
                 if c.finish_reason is not None:
                     reasons[c.index] = c.finish_reason
@@ -160,6 +166,14 @@ class Submission:
         n = len(self.requests[i].sequences)
         self._timers[i].finish([self._reasons[i].get(j, "abort") for j in range(n)])
         self._queue.put_nowait((i, None))
+
+    def failure(self, i: int, message: str, param: str) -> APIError:
+        """The error answer for request i's failure: 500 when the engine failed (its next
+        requests are served as usual), 400 naming `param` when the request itself was at fault."""
+        if self._internal[i]:
+            return APIError(500, f"internal error: {message}; the server is still up, retry",
+                            None, "internal_error")
+        return bad_request(message, param)
 
     async def deltas(self) -> AsyncIterator[tuple[int, RequestDelta]]:
         """(request position, delta) as they come, until every request has finished."""

@@ -17,13 +17,21 @@
    - generic C for other shapes and CPUs: one sequence per task when there are enough of them
      (each token's row of all KV heads is one contiguous read), else one (sequence, KV head).
 
+   H2O attention mass: with `mass` non-NULL ((B, nkv, max_nb * block_size) fp32), each query's
+   final softmax weights are added to mass[b, kv head of the query, key] (summed over the query
+   heads of a GQA group; accumulated across calls, i.e. layers). The raw scores are kept as they
+   are computed and normalized once the row's max and sum are known: a second pass over L
+   scores, none over K. Only the generic body does this; the AVX-512 head-64 path hands a call
+   with `mass` to it.
+
    Exports paged_decode_attention_{f32,f16,i8}[_hd64], all with the signature
-   (q, k_cache, v_cache, k_scales, v_scales, block_tables, lens, out,
+   (q, k_cache, v_cache, k_scales, v_scales, block_tables, lens, out, mass,
     B, nh, nkv, hd, block_size, max_nb, scale). */
 #include "common.h"
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -58,8 +66,8 @@ static inline void widen_f16(const _Float16* src, const float* sc, float* dst, i
 #define DEFINE_DECODE(NAME, KV_T, WIDEN, HD, BS)                                                    \
 void NAME(const float* q, const KV_T* kc, const KV_T* vc, const float* ks, const float* vs,   \
           const int64_t* tables,                                                               \
-          const int64_t* lens, float* out, int B, int nh, int nkv, int hd_arg, int bs_arg,    \
-          int max_nb, float scale)                                                             \
+          const int64_t* lens, float* out, float* mass, int B, int nh, int nkv, int hd_arg,   \
+          int bs_arg, int max_nb, float scale)                                                 \
 {                                                                                              \
     const int hd = HD, bs = BS;                                                                \
     const int g = nh / nkv;                                                                    \
@@ -79,6 +87,7 @@ void NAME(const float* q, const KV_T* kc, const KV_T* vc, const float* ks, const
             for (int d = 0; d < hd; d++) acc[j][d] = 0.f;                                      \
         }                                                                                      \
         const int64_t L = lens[b];                                                             \
+        float* raw = mass ? (float*)malloc(sizeof(float) * (size_t)nq * (size_t)(L > 0 ? L : 1)) : NULL; \
         for (int64_t start = 0; start < L; start += bs) {                                      \
             const int n = (L - start) < bs ? (int)(L - start) : bs;                            \
             const int64_t base = tables[(int64_t)b * max_nb + start / bs] * bs;                \
@@ -91,6 +100,7 @@ void NAME(const float* q, const KV_T* kc, const KV_T* vc, const float* ks, const
                     _Pragma("omp simd reduction(+:dot)")                                       \
                     for (int d = 0; d < hd; d++) dot += qr[d] * kr[d];                         \
                     s[j][t] = dot * scale;                                                     \
+                    if (raw) raw[j * L + start + t] = s[j][t];                                 \
                 }                                                                              \
             }                                                                                  \
             for (int j = 0; j < nq; j++) {                                                     \
@@ -117,7 +127,12 @@ void NAME(const float* q, const KV_T* kc, const KV_T* vc, const float* ks, const
             float* o = out + ((int64_t)b * nh + (int64_t)kh0 * g + j) * hd;                    \
             const float inv = 1.f / l[j];                                                      \
             for (int d = 0; d < hd; d++) o[d] = acc[j][d] * inv;                               \
+            if (raw) {              /* this task owns rows (b, kh0 .. kh0 + hp - 1) of mass */ \
+                float* mrow = mass + ((int64_t)b * nkv + kh0 + j / g) * ((int64_t)max_nb * bs); \
+                for (int64_t t = 0; t < L; t++) mrow[t] += exp_approx(raw[j * L + t] - m[j]) * inv; \
+            }                                                                                  \
         }                                                                                      \
+        free(raw);                                                                             \
     }                                                                                          \
     _mm_setcsr(csr);                                                                           \
     }                                                                                          \
@@ -236,12 +251,12 @@ static inline __attribute__((always_inline)) void NAME(                         
 
 #define DEFINE_DECODE512(NAME, HEAD, KV_T, GENERIC)                                              \
 void NAME(const float* q, const KV_T* kc, const KV_T* vc, const float* ks, const float* vs,     \
-          const int64_t* tables, const int64_t* lens, float* out, int B, int nh, int nkv,       \
-          int hd_arg, int bs_arg, int max_nb, float scale)                                       \
+          const int64_t* tables, const int64_t* lens, float* out, float* mass, int B, int nh,   \
+          int nkv, int hd_arg, int bs_arg, int max_nb, float scale)                              \
 {                                                                                                \
     const int g = nh / nkv;                                                                      \
-    if (g > 8) {                                                                                 \
-        GENERIC(q, kc, vc, ks, vs, tables, lens, out, B, nh, nkv, hd_arg, bs_arg, max_nb, scale); \
+    if (g > 8 || mass) {                                                                         \
+        GENERIC(q, kc, vc, ks, vs, tables, lens, out, mass, B, nh, nkv, hd_arg, bs_arg, max_nb, scale); \
         return;                                                                                  \
     }                                                                                            \
     _Pragma("omp parallel")                                                                      \

@@ -138,10 +138,17 @@ class LinearMethod:
         """The codec a tensor of `module` belongs to; default: its dtype's name."""
         return DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype).replace("torch.", ""))
 
-    def stored_bytes(self, shape: tuple[int, ...], table: bool) -> int:
+    def stored_bytes(self, shape: tuple[int, ...], table: bool, codec: str | None = None) -> int:
         """Bytes this format holds for a checkpoint tensor of `shape` (out, in) once loaded;
-        table: an embedding or LM head. Default: fp32. Sizes a load before it starts."""
+        table: an embedding or LM head; codec: the GGUF block codec it is stored in, if any
+        ("q4_1", ...). Default: fp32. Sizes a load before it starts."""
         return math.prod(shape) * 4
+
+    def keeps_blocks(self, codec: str, table: bool) -> bool:
+        """True when this format holds a GGUF tensor in ggml block `codec` ("q8_0", "q4_0",
+        "q4_1"; `memlm.kernels.gemv`) as loaded: the loader then hands the bytes over as the
+        module's `gguf_blocks` and never widens them to fp32. table: an embedding or LM head."""
+        return False
 
     def held_outside_parameters(self, model: nn.Module) -> tuple[int, int]:
         """(elements, bytes) of weights the format holds in tensors that are not Parameters or

@@ -215,7 +215,7 @@ class Bf16Method(LinearMethod):
                 if has_head:
                     model.compute_logits(torch.zeros(b, head.shape[1]))
 
-    def stored_bytes(self, shape: tuple[int, ...], table: bool) -> int:
+    def stored_bytes(self, shape: tuple[int, ...], table: bool, codec: str | None = None) -> int:
         return math.prod(shape) * (2 if len(shape) >= 2 else 4)      # norms and biases stay fp32
 
     def held_outside_parameters(self, model: nn.Module) -> tuple[int, int]:

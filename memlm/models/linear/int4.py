@@ -6,14 +6,15 @@ Owns: holding each projection in torch's packed 4-bit CPU layout (`packed`, uint
 `aten._weight_int4pack_mm_for_cpu`. Group 32 (the default) costs 5 bits per weight with its
 scales, group 128 4.25. The embedding and the LM head stay int8 (`weight_only.py`): a lookup
 reads rows, which the tiled 4-bit layout does not give, and the head is where 4 bits cost the
-most quality.
+most quality. A GGUF's Q4_0 / Q4_1 projections (groups of 32) are kept as loaded at group
+size 32, and its Q8_0 / Q4_x tables too (`weight_only.py`, `memlm.kernels.gemv`).
 Does not know: fusing, biases, the embedding and the LM head (`weight_only.py`).
 """
 from __future__ import annotations
 
 import torch
 
-from memlm.kernels import quant
+from memlm.kernels import gemv, quant
 from memlm.models.linear.base import Linear, register
 from memlm.models.linear.weight_only import WeightOnlyMethod
 
@@ -26,10 +27,16 @@ class Int4Method(WeightOnlyMethod):
 
     name = "int4"
     options = ("group_size",)
+    block_codecs = ("q4_0", "q4_1")                    # GGUF 4-bit groups of 32, kept as loaded
+    table_block_codecs = ("q8_0", "q4_0", "q4_1")
 
     def __init__(self, device: torch.device | str | None = None, group_size: int = DEFAULT_GROUP_SIZE):
         super().__init__(device)
         self.group_size = quant.check_group_size(group_size)
+
+    def keeps_blocks(self, codec: str, table: bool) -> bool:
+        """GGUF 4-bit blocks are groups of 32: kept for projections at group size 32 only."""
+        return super().keeps_blocks(codec, table) and (table or self.group_size == gemv.QK)
 
     def pack(self, layer: Linear, weight: torch.Tensor) -> None:
         w = quant.quantize_int4(weight, self.group_size, self.act_dtype)
@@ -48,7 +55,7 @@ class Int4Method(WeightOnlyMethod):
     def codec_bytes(self, out_features: int, in_features: int) -> int:
         return quant.int4_bytes(out_features, in_features, self.group_size, self.act_dtype)
 
-    def dequantized_weight(self, layer: Linear) -> torch.Tensor:
+    def codec_dequantize(self, layer: Linear) -> torch.Tensor:
         """Read back through the kernel (the tiled layout is torch's): fp32 identity rows in, the
         weight out, exactly (bf16 scales are exact in fp32)."""
         eye = torch.eye(layer.in_features)

@@ -2,7 +2,9 @@
 
 Owns: holding each projection as `qweight` (out, in') int8 and `scales` (out,) bf16
 (`memlm.kernels.quant.quantize_int8`: symmetric, round to nearest) and running it through
-torch's `aten._weight_int8pack_mm`. A quarter of fp32's weight bytes, half of bf16's.
+torch's `aten._weight_int8pack_mm`. A quarter of fp32's weight bytes, half of bf16's. A GGUF's
+Q8_0 tensors (int8 with an fp16 scale per 32 inputs) are kept as loaded instead
+(`weight_only.py`, `memlm.kernels.gemv`).
 Does not know: fusing, biases, the embedding and the LM head (`weight_only.py`, shared with int4).
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from memlm.models.linear.weight_only import WeightOnlyMethod
 @register
 class Int8Method(WeightOnlyMethod):
     name = "int8"
+    block_codecs = table_block_codecs = ("q8_0",)      # GGUF Q8_0: int8 with a scale per 32
 
     def pack(self, layer: Linear, weight: torch.Tensor) -> None:
         self._pack_rows(layer, weight)
@@ -27,5 +30,5 @@ class Int8Method(WeightOnlyMethod):
     def codec_bytes(self, out_features: int, in_features: int) -> int:
         return quant.int8_bytes(out_features, in_features, self.act_dtype)
 
-    def dequantized_weight(self, layer: Linear) -> torch.Tensor:
+    def codec_dequantize(self, layer: Linear) -> torch.Tensor:
         return quant.dequantize_int8(layer.qweight, layer.scales, layer.in_features)

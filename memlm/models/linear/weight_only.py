@@ -5,10 +5,15 @@ exist, so converting peaks at the model as loaded plus one layer), fusing q/k/v 
 fp32 parts are concatenated, then quantized once), biases and output dtypes, and the token
 embedding kept int8 (one scale per row: a lookup dequantizes only the rows it reads), which is
 also the tied LM head, run through the int8 kernel (an untied head is quantized the same way).
+GGUF blocks a subclass keeps (`block_codecs`, `table_block_codecs`: Q8_0 / Q4_0 / Q4_1) are held
+as loaded (`memlm.kernels.gemv.BlockWeight`, handed over by the loader as `layer.gguf_blocks`,
+never widened to fp32) and run through the native block kernel; a table's lookup dequantizes
+only the rows it reads, and the tied head multiplies by the blocks directly (fp32 accumulation,
+no top-k refinement needed).
 Activations enter the kernels in bf16 and the decoder layers take the fused bf16 path
 (`DecoderLayer._forward_fused`), as with bf16 weights; the residual stream stays fp32.
 Does not know: a projection codec's layout or kernel — a subclass packs (`pack`), multiplies
-(`matmul`) and dequantizes (`dequantized_weight`) its own (`memlm.kernels.quant`).
+(`matmul`) and dequantizes (`codec_dequantize`) its own (`memlm.kernels.quant`).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import math
 import torch
 import torch.nn as nn
 
-from memlm.kernels import quant
+from memlm.kernels import gemv, quant
 from memlm.models.linear.base import Embedding, Linear, LinearMethod
 
 
@@ -29,6 +34,8 @@ class WeightOnlyMethod(LinearMethod):
     inner_dtype = torch.bfloat16
     fused_layers = True
     act_dtype = torch.bfloat16        # what the kernels read and write (their scales' dtype)
+    block_codecs: tuple[str, ...] = ()         # GGUF codecs a projection keeps as loaded
+    table_block_codecs: tuple[str, ...] = ()   # ... and an embedding / LM head
 
     def __init__(self, device: torch.device | str | None = None):
         super().__init__(device)
@@ -45,9 +52,17 @@ class WeightOnlyMethod(LinearMethod):
         """(M, in) act_dtype -> (M, out) act_dtype through the packed weight."""
         raise NotImplementedError
 
-    def dequantized_weight(self, layer: Linear) -> torch.Tensor:
-        """The fp32 (out, in) weight `matmul` multiplies by (for tests and inspection)."""
+    def codec_dequantize(self, layer: Linear) -> torch.Tensor:
+        """The fp32 (out, in) weight `matmul` multiplies by."""
         raise NotImplementedError
+
+    def dequantized_weight(self, layer: Linear) -> torch.Tensor:
+        """The fp32 (out, in) weight `apply` multiplies by (for tests and inspection)."""
+        held = getattr(layer, "block_weight", None)
+        return gemv.dequantize(held) if held is not None else self.codec_dequantize(layer)
+
+    def keeps_blocks(self, codec: str, table: bool) -> bool:
+        return codec in (self.table_block_codecs if table else self.block_codecs)
 
     def codec_bytes(self, out_features: int, in_features: int) -> int:
         """Bytes `pack` holds for an (out, in) weight."""
@@ -56,33 +71,59 @@ class WeightOnlyMethod(LinearMethod):
     def codec_label(self, module, name: str, tensor: torch.Tensor) -> str:
         if name in ("qweight", "scales"):
             return "int8"
+        if name == "blocks":
+            return module.block_weight.codec
         return super().codec_label(module, name, tensor)
 
-    def stored_bytes(self, shape: tuple[int, ...], table: bool) -> int:
+    def stored_bytes(self, shape: tuple[int, ...], table: bool, codec: str | None = None) -> int:
         if len(shape) < 2:
             return math.prod(shape) * 4                          # norms and biases stay fp32
         n, k = shape[0], math.prod(shape[1:])
+        if codec is not None and self.keeps_blocks(codec, table):
+            return gemv.block_bytes(n, k, codec)
         return quant.int8_bytes(n, k, self.act_dtype) if table else self.codec_bytes(n, k)
 
     # ---- projections -----------------------------------------------------------------------
-    def _hold(self, layer: Linear, weight: torch.Tensor, bias: torch.Tensor | None,
-              out_dtype: torch.dtype) -> None:
-        self.pack(layer, weight.detach())
+    @staticmethod
+    def _hold_blocks(module: Linear | Embedding, held: gemv.BlockWeight) -> None:
+        module.register_buffer("blocks", held.blocks)
+        module.block_weight = held
+        module.weight = None
+
+    def _hold(self, layer: Linear, weight: torch.Tensor | None, bias: torch.Tensor | None,
+              out_dtype: torch.dtype, blocks: gemv.BlockWeight | None = None) -> None:
+        if blocks is not None:
+            self._hold_blocks(layer, blocks)
+        else:
+            self.pack(layer, weight.detach())
         layer.weight = None
         layer.bias = None if bias is None else nn.Parameter(bias.detach().to(out_dtype), requires_grad=False)
         layer.out_dtype = out_dtype
 
     def process_weights_after_loading(self, layer: Linear) -> None:
-        self._hold(layer, layer.weight, layer.bias, torch.float32)
+        self._hold(layer, layer.weight, layer.bias, torch.float32, layer.__dict__.pop("gguf_blocks", None))
+
+    @staticmethod
+    def _loaded_fp32(layer: Linear) -> torch.Tensor:
+        held = layer.__dict__.pop("gguf_blocks", None)
+        return gemv.dequantize(held) if held is not None else layer.weight.detach().float()
 
     def fuse(self, layers: list[Linear]) -> Linear:
-        weight = torch.cat([m.weight.detach().float() for m in layers])
+        held = [getattr(m, "gguf_blocks", None) for m in layers]
+        blocks = None
+        if all(h is not None for h in held) and len({(h.codec, h.in_features) for h in held}) == 1:
+            n = sum(h.out_features for h in held)      # same GGUF codec: rows concatenated as is
+            blocks = gemv.BlockWeight(torch.cat([h.blocks for h in held]), held[0].codec, held[0].in_features, n)
+            for m in layers:
+                del m.gguf_blocks
+        weight = None if blocks is not None else torch.cat([self._loaded_fp32(m) for m in layers])
         biases = [m.bias for m in layers]
         bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach().float() if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, layers)])
         fused = Linear(0, 0, False, self, init=False)            # holds nothing yet
-        fused.in_features, fused.out_features = weight.shape[1], weight.shape[0]
-        self._hold(fused, weight, bias, self.inner_dtype)
+        shape = (blocks.out_features, blocks.in_features) if blocks is not None else tuple(weight.shape)
+        fused.out_features, fused.in_features = shape
+        self._hold(fused, weight, bias, self.inner_dtype, blocks)
         return fused
 
     def set_out_dtype(self, layer: Linear, dtype: torch.dtype) -> None:
@@ -92,9 +133,13 @@ class WeightOnlyMethod(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1]).to(self.act_dtype)                        # (M, K)
+        held = getattr(layer, "block_weight", None)
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2 if held is not None else x2.to(self.act_dtype)                  # (M, K)
         if x2.shape[0] == 0:
             y = x2.new_empty(0, layer.out_features)
+        elif held is not None:
+            y = gemv.block_matmul(x2, held)                                      # (M, N) fp32
         else:
             y = self.matmul(layer, x2.contiguous())                               # (M, N)
         y = y.to(layer.out_dtype)
@@ -103,6 +148,10 @@ class WeightOnlyMethod(LinearMethod):
 
     # ---- embeddings and the LM head: int8 rows ----------------------------------------------
     def _pack_rows(self, module: Linear | Embedding, weight: torch.Tensor) -> None:
+        held = module.__dict__.pop("gguf_blocks", None)
+        if held is not None:
+            self._hold_blocks(module, held)
+            return
         w = quant.quantize_int8(weight.detach(), self.act_dtype)
         module.register_buffer("qweight", w.qweight)
         module.register_buffer("scales", w.scales)
@@ -112,6 +161,10 @@ class WeightOnlyMethod(LinearMethod):
         self._pack_rows(emb, emb.weight)
 
     def embed(self, emb: Embedding, ids: torch.Tensor) -> torch.Tensor:
+        held = getattr(emb, "block_weight", None)
+        if held is not None:
+            rows = gemv.dequantize_rows(held.blocks[ids.reshape(-1)], held.codec, held.in_features)
+            return rows.view(*ids.shape, held.in_features)
         return quant.dequantize_int8(emb.qweight[ids], emb.scales[ids], emb.embedding_dim)
 
     def process_lm_head(self, head: Linear | Embedding) -> None:
@@ -121,6 +174,9 @@ class WeightOnlyMethod(LinearMethod):
 
     def logits(self, head: Linear | Embedding, hidden: torch.Tensor) -> torch.Tensor:
         """(n, H) -> (n, vocab) fp32 through the int8 head (bf16 in, bf16-rounded out)."""
+        held = getattr(head, "block_weight", None)
+        if held is not None:
+            return gemv.block_matmul(hidden, held)
         if hidden.shape[0] == 0:
             return hidden.new_empty(0, head.qweight.shape[0], dtype=torch.float32)
         x = hidden.to(self.act_dtype).contiguous()

@@ -1,0 +1,196 @@
+"""Persistent chat sessions and swap-by-cost preemption on the embedded SmolLM2, in one invocation.
+
+Sessions: 20 conversations x 10 turns (greedy, 24-token replies) with `session_id`, their KV
+kept in a session directory (cold tier) under `--disk-budget`. Then a *new process* (a restart)
+runs turn 11 of every conversation one at a time with `max_tokens=1` twice, alternating per
+conversation: resumed from its session files, and recomputing its whole history (no session).
+Reported: the summed time to first token of each, their ratio (target <= 0.10), and the bytes
+on disk (<= the disk budget). Prefix caching is off in that process, so neither run reuses KV
+of the other.
+
+Oversubscription: 32 prompts of ~200 tokens each generating 224 tokens need 2x the KV blocks
+of the constrained pool (`num_kv_blocks`, identical budget): run unconstrained, constrained
+with recompute only, and constrained with a warm tier (swap chosen by the cost model).
+Reported: throughput ratios against unconstrained (target >= 0.8), swaps, the most
+preemptions of any request (target <= 2), and each run's peak RSS (kernel, wait4) against the
+budget. Every run is its own subprocess; the machine may be shared, so only same-run ratios mean
+anything.
+
+    python benchmarks/sessions.py                  # both parts (~5-10 min on 2 vCPU)
+    python benchmarks/sessions.py --part sessions --sessions 4 --turns 3    # quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM = "You are a helpful assistant. Answer briefly and concretely."
+TOPICS = ["rivers", "volcanoes", "bread", "bridges", "owls", "comets", "glass", "tea", "maps", "bees",
+          "clocks", "salt", "paper", "wind", "coral", "ink", "copper", "moss", "sails", "chess"]
+
+
+def conversation(s: int, turns: int, replies: list[str]) -> list[dict]:
+    msgs = [{"role": "system", "content": SYSTEM}]
+    for t in range(turns):
+        msgs.append({"role": "user", "content": f"Tell me fact number {t + 1} about {TOPICS[s % len(TOPICS)]}."})
+        if t < len(replies):
+            msgs.append({"role": "assistant", "content": replies[t]})
+    return msgs
+
+
+def make_llm(args, **kw):
+    from memlm import LLM
+    return LLM("smollm2-135m-instruct", memory_budget=args.budget, verbose=False,
+               num_threads=args.threads, **kw)
+
+
+def worker_build(args) -> dict:
+    from memlm import SamplingParams
+    llm = make_llm(args, session_dir=args.dir, disk_budget=args.disk_budget, max_num_seqs=args.sessions)
+    sp = SamplingParams(temperature=0, max_tokens=args.reply_tokens)
+    replies = [[] for _ in range(args.sessions)]
+    ids = [f"conv-{s}" for s in range(args.sessions)]
+    t0 = time.perf_counter()
+    for t in range(args.turns):
+        outs = llm.chat([conversation(s, t + 1, replies[s]) for s in range(args.sessions)], sp,
+                        use_tqdm=False, session_id=ids)
+        for s, o in enumerate(outs):
+            replies[s].append(o.outputs[0].text)
+    llm.engine.offload.cold.flush()
+    m = llm.metrics
+    Path(args.dir, "replies.json").write_text(json.dumps(replies))
+    return {"seconds": time.perf_counter() - t0, "session_hits": m.session_hits,
+            "tokens_restored": m.session_tokens_restored, "compression_ratio": m.compression_ratio,
+            "disk_bytes": m.cold_bytes}
+
+
+def worker_resume(args) -> dict:
+    from memlm import SamplingParams
+    replies = json.loads(Path(args.dir, "replies.json").read_text())
+    llm = make_llm(args, session_dir=args.dir, disk_budget=args.disk_budget, max_num_seqs=1,
+                   enable_prefix_caching=False)
+    sp = SamplingParams(temperature=0, max_tokens=1)
+    llm.chat(conversation(0, 1, []), sp, use_tqdm=False)              # warm-up
+    resume = recompute = 0.0
+    prompt_tokens = 0
+    for s in range(len(replies)):
+        conv = conversation(s, len(replies[s]) + 1, replies[s])
+        for with_session in ((True, False) if s % 2 == 0 else (False, True)):
+            t0 = time.perf_counter()
+            out = llm.chat(conv, sp, use_tqdm=False, session_id=f"conv-{s}" if with_session else None)
+            dt = time.perf_counter() - t0
+            if with_session:
+                resume += dt
+            else:
+                recompute += dt
+                prompt_tokens += len(out[0].prompt_token_ids)
+    m = llm.metrics
+    return {"resume_ttft_s": resume, "recompute_ttft_s": recompute, "prompt_tokens": prompt_tokens,
+            "session_hits": m.session_hits, "tokens_restored": m.session_tokens_restored,
+            "disk_bytes": llm.engine.offload.cold.nbytes}
+
+
+def worker_oversub(args) -> dict:
+    from memlm import SamplingParams
+    kw = dict(max_num_seqs=args.requests, num_kv_blocks=args.blocks)
+    if args.warm_fraction:
+        kw["warm_fraction"] = args.warm_fraction
+    llm = make_llm(args, **kw)
+    prompts = [f"{SYSTEM} Request {i}: write a long story about {TOPICS[i % len(TOPICS)]}. " * 6
+               for i in range(args.requests)]
+    sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)   # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    m = llm.metrics
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"tok_s": tokens / dt, "seconds": dt, "preemptions": m.num_preemptions, "swaps": m.num_swaps,
+            "max_preemptions_per_request": m.max_preemptions_per_seq, "num_kv_blocks": m.num_kv_blocks,
+            "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs)}
+
+
+WORKERS = {"build": worker_build, "resume": worker_resume, "oversub": worker_oversub}
+
+
+def run(worker: str, args, **extra) -> dict:
+    cmd = [sys.executable, __file__, "--worker", worker]
+    for k, v in {**vars(args), **extra}.items():
+        if k not in ("worker", "part") and v is not None:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if status != 0 or not lines:
+        raise SystemExit(f"worker {worker} failed (exit status {status >> 8})")
+    return dict(json.loads(lines[-1]), peak_rss=usage.ru_maxrss * 1024)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=("all", "sessions", "oversub"), default="all")
+    p.add_argument("--worker", choices=tuple(WORKERS), default=None)
+    p.add_argument("--budget", default="2GiB")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sessions", type=int, default=20)
+    p.add_argument("--turns", type=int, default=10)
+    p.add_argument("--reply-tokens", type=int, default=24)
+    p.add_argument("--disk-budget", default="1GiB")
+    p.add_argument("--dir", default=None)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=224)
+    p.add_argument("--blocks", type=int, default=None)
+    p.add_argument("--warm-fraction", type=float, default=None)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+    from memlm.config import format_size, parse_size
+    budget = parse_size(args.budget)
+    print(f"budget {args.budget}, disk budget {args.disk_budget}, {args.threads} threads")
+    if args.part in ("all", "sessions"):
+        tmp = tempfile.mkdtemp(prefix="memlm-sessions-")
+        try:
+            b = run("build", args, dir=tmp)
+            print(f"build: {args.sessions} sessions x {args.turns} turns in {b['seconds']:.1f}s, session hits "
+                  f"{b['session_hits']}, tokens restored {b['tokens_restored']}, compression "
+                  f"{b['compression_ratio']:.2f}x, disk {format_size(b['disk_bytes'])}, peak RSS "
+                  f"{format_size(b['peak_rss'])}")
+            r = run("resume", args, dir=tmp)
+            ratio = r["resume_ttft_s"] / r["recompute_ttft_s"]
+            disk_ok = max(b["disk_bytes"], r["disk_bytes"]) <= parse_size(args.disk_budget)
+            print(f"restart: TTFT resumed {r['resume_ttft_s']:.2f}s vs recomputed {r['recompute_ttft_s']:.2f}s "
+                  f"({r['prompt_tokens']} prompt tokens, {r['session_hits']} hits, {r['tokens_restored']} "
+                  f"tokens restored): ratio {ratio:.3f} ({'met' if ratio <= 0.10 else 'NOT met'}: <= 0.10); "
+                  f"disk {format_size(r['disk_bytes'])} <= budget: {disk_ok}; peak RSS "
+                  f"{format_size(r['peak_rss'])} <= budget: {r['peak_rss'] <= budget}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if args.part in ("all", "oversub"):
+        base = run("oversub", args, blocks=None, warm_fraction=None)
+        need = args.requests * -(-(base["prompt_tokens"] // args.requests + args.new_tokens) // 16)
+        results = {"unconstrained": base}
+        for name, wf in (("recompute", None), ("swap", 0.3)):
+            results[name] = run("oversub", args, blocks=need // 2, warm_fraction=wf)
+        for name, res in results.items():
+            ratio = res["tok_s"] / base["tok_s"]
+            print(f"oversub {name:<13} {res['num_kv_blocks']:>5} blocks: {res['tok_s']:.1f} tok/s ({ratio:.2f}x), "
+                  f"preemptions {res['preemptions']}, swaps {res['swaps']}, max per request "
+                  f"{res['max_preemptions_per_request']}, peak RSS {format_size(res['peak_rss'])} <= budget: "
+                  f"{res['peak_rss'] <= budget}")
+        print(f"oversub: workload needs {need} blocks; swap run {results['swap']['tok_s'] / base['tok_s']:.2f}x "
+              f"unconstrained ({'met' if results['swap']['tok_s'] >= 0.8 * base['tok_s'] else 'NOT met'}: >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Weight kernels, same process: memlm's native block kernel (GGUF Q4_1 / Q8_0 kept as loaded)
+vs torch's int4 / int8 weight-only kernels and bf16 / fp32 matmuls, on SmolLM2-135M's
+projection shapes, for 1..64 activation rows; plus the measured streaming read bandwidth and
+the fraction of it a batch-1 decode step's weight reads reach.
+
+    python benchmarks/weight_kernels.py [--threads 2] [--rows 1,2,4,8,16,64]
+
+Each cell is the best of `--repeats` timed runs of one call (Python overhead included, as the
+model pays it). Ratios are within this run only: the machine may be shared.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+# (name, out, in, count per token) of SmolLM2-135M: 30 layers, fused q|k|v and gate|up, tied head
+SHAPES = [("qkv", 960, 576, 30), ("o", 576, 576, 30), ("gate_up", 3072, 576, 30), ("down", 576, 1536, 30),
+          ("head", 49152, 576, 1)]
+
+
+def best(fn, repeats: int) -> float:
+    fn()
+    out = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default="1,2,4,8,16,64")
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from memlm.kernels import gemv, quant
+
+    print(f"# native kernel available: {gemv.available()}, {args.threads} threads")
+    gbps = gemv.stream_read_gbps()
+    print(f"# streaming read bandwidth (sum of 512 MiB fp32, best of 5): {gbps:.1f} GB/s")
+    totals: dict[str, float] = {}
+    model_time = 0.0
+    bytes_per_token = {"q4_1": 0, "q8_0": 0}
+    for name, n, k, count in SHAPES:
+        w = torch.randn(n, k) * 0.05
+        q41, q80 = gemv.quantize(w, "q4_1"), gemv.quantize(w, "q8_0")
+        i4 = quant.quantize_int4(w, 32, torch.bfloat16)
+        i8 = quant.quantize_int8(w, torch.bfloat16)
+        wb = w.to(torch.bfloat16)
+        bytes_per_token["q8_0" if name == "head" else "q4_1"] += (q80 if name == "head" else q41).blocks.numel() * count
+        for m in [int(r) for r in args.rows.split(",")]:
+            x = torch.randn(m, k)
+            xb = x.to(torch.bfloat16)
+            cells = {
+                "native q4_1": lambda: gemv.block_matmul(x, q41),
+                "native q8_0": lambda: gemv.block_matmul(x, q80),
+                "torch int4 g32": lambda: quant.int4_matmul(xb, i4.packed, i4.scales_zeros, 32, n),
+                "torch int8 row": lambda: quant.int8_matmul(xb, i8.qweight, i8.scales),
+                "torch bf16": lambda: xb @ wb.t(),
+                "torch fp32": lambda: x @ w.t(),
+            }
+            times = {label: best(fn, args.repeats) for label, fn in cells.items()}
+            base = times["torch int4 g32"]
+            row = "  ".join(f"{label} {t * 1e6:8.1f}us ({base / t:4.2f}x)" for label, t in times.items())
+            print(f"{name:>8} {n:>5}x{k:<5} rows {m:>3}: {row}")
+            if m == 1:
+                model_time += times["native q8_0" if name == "head" else "native q4_1"] * count
+                for label, t in times.items():
+                    totals[label] = totals.get(label, 0.0) + t * count
+    print("# batch-1 weight time per token (all 30 layers + head), ratio vs torch int4 g32:")
+    for label, t in totals.items():
+        print(f"  {label:<16} {t * 1e3:7.2f} ms/token  ({totals['torch int4 g32'] / t:4.2f}x)")
+    total_bytes, t = sum(bytes_per_token.values()), model_time
+    print(f"# the embedded file as memlm holds it (Q4_1 projections, Q8_0 tied head): "
+          f"{total_bytes / 2**20:.1f} MiB read per token in {t * 1e3:.2f} ms = {total_bytes / t / 1e9:.1f} GB/s, "
+          f"{total_bytes / t / 1e9 / gbps * 100:.0f}% of the streaming bandwidth")
+
+
+if __name__ == "__main__":
+    main()

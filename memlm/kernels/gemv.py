@@ -1,0 +1,148 @@
+"""ggml block-quantized weights (Q8_0, Q4_0, Q4_1) kept as GGUF stores them, and their matmul.
+
+Owns: `BlockWeight` (N rows of K/32 blocks, the bytes of a GGUF tensor), their sizes, the exact
+torch dequantization (the reference the native kernel is tested against, the fallback when
+`MEMLM_NATIVE=0`, and the row lookup of an embedding), quantizing fp32 into a block codec
+(through `gguf.quants`, bit-exact with llama.cpp's), and `block_matmul`, which runs
+`csrc/gemv_q.c` (reads the blocks directly; fp32 accumulation) or, without the native library,
+dequantizes and multiplies in fp32.
+
+    Q8_0  {fp16 d; int8 q[32]}            34 B / 32 weights   w = d q
+    Q4_0  {fp16 d; uint8 qs[16]}          18 B / 32 weights   w = d (q - 8)
+    Q4_1  {fp16 d; fp16 m; uint8 qs[16]}  20 B / 32 weights   w = d q + m
+    (4-bit: qs[j] & 15 is element j of the block, qs[j] >> 4 element j + 16)
+
+K not a multiple of 32 (weights quantized here, never a GGUF file's) is padded with zero
+weights, and x with zero columns. Does not know: layers or which method holds which codec
+(`memlm.models.linear.weight_only`), or GGUF files (`memlm.loading.gguf`).
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memlm.kernels import native
+
+QK = 32
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
+CODECS = tuple(BLOCK_BYTES)
+GGML_TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q8_0": 8}      # ggml's enum, also the kernel's `type`
+
+_P, _I = ctypes.c_void_p, ctypes.c_int
+_LIBRARY = native.Library("gemv_q", "gemv_q.c", {
+    "gemv_q": [_I, _P, _P, _P, _I, _I, _I],
+    "stream_sum": [_P, ctypes.c_int64, _P],
+})
+
+
+def available() -> bool:
+    """True when the native kernel is built and loadable (built on first call)."""
+    return _LIBRARY.lib is not None
+
+
+@dataclass
+class BlockWeight:
+    blocks: torch.Tensor      # (N, Kp / 32 * block bytes) uint8, contiguous
+    codec: str                # "q8_0" | "q4_0" | "q4_1"
+    in_features: int          # K (Kp = K rounded up to 32)
+    out_features: int         # N
+
+    @property
+    def padded_in(self) -> int:
+        return self.blocks.shape[1] // BLOCK_BYTES[self.codec] * QK
+
+
+def check_codec(codec: str) -> str:
+    if codec not in BLOCK_BYTES:
+        raise ValueError(f"block codec must be one of {', '.join(CODECS)}, got {codec!r}")
+    return codec
+
+
+def block_bytes(n: int, k: int, codec: str) -> int:
+    """Bytes of an (n, k) weight in `codec`."""
+    return n * (-(-k // QK)) * BLOCK_BYTES[check_codec(codec)]
+
+
+def from_gguf_bytes(raw: np.ndarray | torch.Tensor, codec: str, out_features: int, in_features: int) -> BlockWeight:
+    """A GGUF tensor's bytes ((N, K/32 * block bytes) uint8) as a `BlockWeight`; a numpy array
+    (a view of the mapped file) is copied once, a tensor is kept."""
+    data = torch.from_numpy(np.array(raw, copy=True)) if isinstance(raw, np.ndarray) else raw.contiguous()
+    blocks = data.reshape(out_features, -1)
+    if blocks.dtype != torch.uint8 or blocks.shape[1] != block_bytes(1, in_features, codec):
+        raise ValueError(f"{codec} bytes of shape {tuple(raw.shape)} do not hold a ({out_features}, "
+                         f"{in_features}) weight")
+    return BlockWeight(blocks, codec, in_features, out_features)
+
+
+def quantize(w: torch.Tensor, codec: str) -> BlockWeight:
+    """fp32 (N, K) -> blocks, as llama.cpp quantizes (`gguf.quants.quantize`)."""
+    from gguf import GGMLQuantizationType, quants
+
+    check_codec(codec)
+    n, k = w.shape
+    kp = -(-k // QK) * QK
+    dense = F.pad(w.detach().float(), (0, kp - k)).numpy()
+    raw = quants.quantize(dense, GGMLQuantizationType[codec.upper()])
+    return BlockWeight(torch.from_numpy(np.ascontiguousarray(raw)).view(n, -1), codec, k, n)
+
+
+def _half(b: torch.Tensor, at: int) -> torch.Tensor:
+    """The fp16 at byte `at` of each block (..., G, bytes) as fp32 (..., G, 1)."""
+    return b[..., at:at + 2].contiguous().view(torch.float16).float()
+
+
+def dequantize_rows(blocks: torch.Tensor, codec: str, in_features: int) -> torch.Tensor:
+    """(R, row bytes) uint8 rows of blocks -> (R, in_features) fp32, exactly what they encode."""
+    r = blocks.shape[0]
+    b = blocks.view(r, -1, BLOCK_BYTES[check_codec(codec)])                      # (R, G, bytes)
+    d = _half(b, 0)
+    if codec == "q8_0":
+        w = b[..., 2:].contiguous().view(torch.int8).float() * d
+    else:
+        qs = b[..., 4:] if codec == "q4_1" else b[..., 2:]
+        q = torch.cat([qs & 15, qs >> 4], dim=-1).float()                        # (R, G, 32)
+        w = q * d + _half(b, 2) if codec == "q4_1" else (q - 8) * d
+    return w.reshape(r, -1)[:, :in_features]
+
+
+def dequantize(weight: BlockWeight) -> torch.Tensor:
+    """The fp32 (N, K) weight the kernel multiplies by."""
+    return dequantize_rows(weight.blocks, weight.codec, weight.in_features)
+
+
+def block_matmul(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
+    """x (M, K) float -> (M, N) fp32 = x @ W.T; native for any M (rows taken 8 at a time)."""
+    x = x.float()
+    kp = weight.padded_in
+    if x.shape[1] != kp:
+        x = F.pad(x, (0, kp - x.shape[1]))
+    if not (available() and x.device.type == "cpu"):
+        return x[:, :weight.in_features] @ dequantize(weight).t()
+    x = x.contiguous()
+    m = x.shape[0]
+    y = torch.empty(m, weight.out_features, dtype=torch.float32)
+    _LIBRARY.lib.gemv_q(GGML_TYPE_IDS[weight.codec], weight.blocks.data_ptr(), x.data_ptr(), y.data_ptr(),
+                        m, weight.out_features, kp)
+    return y
+
+
+def stream_read_gbps(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Best-of-`repeats` read bandwidth (GB/s) summing an `n_bytes` fp32 array on all threads
+    (native), or torch's sum without it: the ceiling a bandwidth-bound decode step can reach."""
+    import time
+
+    a = torch.ones(n_bytes // 4)
+    out = torch.empty(1)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if available():
+            _LIBRARY.lib.stream_sum(a.data_ptr(), a.numel(), out.data_ptr())
+        else:
+            a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return n_bytes / best / 1e9

@@ -1,0 +1,227 @@
+"""Per-sequence KV eviction policies: which cached tokens a sequence keeps.
+
+Owns: `KVPolicySpec` (a request's policy and its sizes, validated: one clear error per bad
+parameter), `KVPolicyState` (what a policy reads of one sequence: the text position of each
+cache entry and, for `h2o` / `snap`, its accumulated attention mass), `plan_eviction` (given
+that state and the tokens about to arrive, the cache entries to keep, or None) and
+`compaction_moves` (how to pack the kept entries into the front of the cache so the tail
+blocks can go back to the pool).
+Does not know: blocks or slots (`manager.py` drops the freed tail blocks; the scheduler turns
+entries into slots), tensors behind the cache (`engine/runner.py` copies the moved entries), or
+when to call it (`engine/scheduler.py`).
+
+Policies (B = the cache budget in tokens; a cache never holds more than B entries):
+    full     keep everything (today's behaviour; the model's context is the limit)
+    window   the last W tokens                                 B = W
+    sinks    the first S tokens + the last W (StreamingLLM)   B = S + W
+    h2o      S sinks + the last W + heavy hitters by accumulated attention mass, B given
+    snap     once, when the prompt is longer than B: S sinks + the last W prompt tokens (the
+             observation window) + the prompt tokens those queries attended to most
+             (SnapKV); generation then appends without eviction
+
+Entries are evicted `stride` (a block) at a time, so a step rarely evicts: the recent window
+holds between W - stride + 1 and W tokens. Kept entries are packed without keeping text order
+(attention over a set of keys does not depend on their order; each key carries its own RoPE
+rotation), so evicting k entries moves at most k entries:
+
+    cache  [s0 s1 | t5 t6 t7 t8 | t9 t10 t11 t12]  keep s0 s1 t9..t12 (window 4, stride 4)
+    moves  t9 -> 2, t10 -> 3, t11 -> 4, t12 -> 5   cache [s0 s1 t9 t10 t11 t12]; last block freed
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+POLICIES = ("full", "window", "sinks", "h2o", "snap")
+PAST_CONTEXT = ("window", "sinks")     # policies whose cache never grows with the text
+
+
+@dataclass(frozen=True)
+class KVPolicySpec:
+    """A sequence's policy with its sizes resolved (`resolve` fills the defaults)."""
+
+    policy: str = "full"
+    window: int = 0            # recent tokens kept (snap: the observation window)
+    sinks: int = 0             # first tokens always kept
+    budget: int = 0            # most entries the cache holds (0 with `full`: no limit)
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown kv_policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.policy == "full":
+            return
+        if self.window < 1:
+            raise ValueError(f"kv_window must be >= 1 for kv_policy={self.policy}, got {self.window}")
+        if self.sinks < 0:
+            raise ValueError(f"kv_sinks must be >= 0, got {self.sinks}")
+        if self.sinks and self.sinks >= self.window:
+            raise ValueError(f"kv_sinks ({self.sinks}) must be smaller than kv_window ({self.window})")
+        if self.budget < self.sinks + 1:
+            raise ValueError(f"kv_budget ({self.budget}) must be at least kv_sinks + 1 "
+                             f"({self.sinks + 1}); raise kv_budget or lower kv_sinks")
+        if self.policy in ("h2o", "snap") and self.sinks + self.window >= self.budget:
+            raise ValueError(f"kv_sinks + kv_window ({self.sinks + self.window}) must be below kv_budget "
+                             f"({self.budget}) for {self.policy}: the rest holds the heavy hitters")
+
+    @classmethod
+    def resolve(cls, policy: str, window: int | None, sinks: int | None, budget: int | None,
+                defaults) -> "KVPolicySpec":
+        """The spec of a request: its own fields, else the engine's (`defaults` has kv_window,
+        kv_sinks, kv_budget). h2o / snap keep half their budget as the recent window unless
+        kv_window is given; `window` has no sinks; window / sinks derive their budget."""
+        if policy == "full":
+            return cls()
+        if policy not in POLICIES:
+            cls(policy)            # raises the unknown-policy error
+        budget = defaults.kv_budget if budget is None else budget
+        if policy == "window":
+            w = defaults.kv_window if window is None else window
+            return cls("window", w, 0, w)
+        s = defaults.kv_sinks if sinks is None else sinks
+        if policy == "sinks":
+            w = defaults.kv_window if window is None else window
+            return cls("sinks", w, s, s + w)
+        w = max(1, budget // 2) if window is None else window
+        return cls(policy, w, s, budget)
+
+    @property
+    def evicts(self) -> bool:
+        return self.policy != "full"
+
+    @property
+    def past_context(self) -> bool:
+        """True when generation may go on past the model's context (the cache stays bounded)."""
+        return self.policy in PAST_CONTEXT
+
+    @property
+    def needs_mass(self) -> bool:
+        return self.policy in ("h2o", "snap")
+
+
+@dataclass
+class KVPolicyState:
+    """One sequence's cache as the policy sees it: entry i holds the token at `positions[i]`."""
+
+    spec: KVPolicySpec
+    positions: list[int] = field(default_factory=list)   # text position of each cache entry
+    mass: torch.Tensor | None = None                     # (>= len(positions),) fp32 attention mass
+    snapped: bool = False                                # snap: the prompt was compressed
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.positions)
+
+    @property
+    def num_evicted(self) -> int:
+        """Tokens of the text no longer in the cache: positions run 0 .. num_evicted + num_cached - 1."""
+        return (self.positions[-1] + 1 - len(self.positions)) if self.positions else 0
+
+    def reset(self) -> None:
+        """Forget the cache (the sequence was preempted and will recompute)."""
+        self.positions, self.mass, self.snapped = [], None, False
+
+    def append(self, start: int, n: int) -> None:
+        """Tokens at text positions start .. start + n - 1 were written after the kept entries."""
+        self.positions.extend(range(start, start + n))
+
+    def add_mass(self, values: torch.Tensor) -> None:
+        """Accumulate (L,) attention mass over the first L entries (L <= num_cached)."""
+        with torch.inference_mode():
+            self._add_mass(values)
+
+    def _add_mass(self, values: torch.Tensor) -> None:
+        if self.mass is None or self.mass.numel() < values.numel():
+            grown = torch.zeros(max(values.numel(), 2 * self.num_cached), dtype=torch.float32)
+            if self.mass is not None:
+                grown[:self.mass.numel()] = self.mass
+            self.mass = grown
+        self.mass[:values.numel()] += values.float()
+
+    def apply(self, kept: list[int]) -> None:
+        """Keep entries `kept` (sorted), packed as `compaction_moves` packs them."""
+        moves = compaction_moves(kept, self.num_cached)
+        for src, dst in moves:
+            self.positions[dst] = self.positions[src]
+        del self.positions[len(kept):]
+        if self.mass is not None and moves:
+            with torch.inference_mode():      # the runner made `mass` under inference mode
+                src, dst = (torch.tensor(x, dtype=torch.long) for x in zip(*moves))
+                self.mass[dst] = self.mass[src]
+                self.mass[len(kept):] = 0.0
+
+
+def plan_eviction(state: KVPolicyState, incoming: int, stride: int, prompt_len: int) -> list[int] | None:
+    """Cache entries to keep so that `incoming` more tokens fit the budget, or None (no eviction).
+
+    Args:
+        state: the sequence's entries (and mass, for h2o / snap).
+        incoming: tokens this step writes after the kept entries.
+        stride: extra entries evicted at once so the next steps need no eviction (a block).
+        prompt_len: the prompt's length (snap compresses once the prompt is cached).
+    Returns:
+        Sorted entry indices to keep, or None when everything stays.
+    """
+    spec, L = state.spec, state.num_cached
+    if spec.policy == "full":
+        return None
+    if spec.policy == "snap":
+        if state.snapped or prompt_len <= spec.budget or L < prompt_len:
+            return None
+        state.snapped = True
+        return _heavy_hitters(state, spec.budget)
+    if L + incoming <= spec.budget:
+        return None
+    keep = max(spec.sinks + 1, spec.budget - incoming - (stride - 1))
+    keep = min(keep, L)
+    if spec.policy == "h2o":
+        return _heavy_hitters(state, keep)
+    return _sinks_and_recent(state, keep)
+
+
+def _by_position(state: KVPolicyState) -> list[int]:
+    """Entry indices in text order."""
+    return sorted(range(state.num_cached), key=state.positions.__getitem__)
+
+
+def _sinks_and_recent(state: KVPolicyState, keep: int) -> list[int]:
+    order = _by_position(state)
+    s = min(state.spec.sinks, keep)
+    return sorted(order[:s] + order[len(order) - (keep - s):])
+
+
+def _heavy_hitters(state: KVPolicyState, keep: int) -> list[int]:
+    """S sinks + the last W entries + the rest of `keep` by attention mass (ties: the older)."""
+    spec, order = state.spec, _by_position(state)
+    s = min(spec.sinks, keep)
+    recent = min(spec.window, keep - s)
+    fixed = order[:s] + order[len(order) - recent:]
+    rest = order[s:len(order) - recent]
+    n_heavy = keep - s - recent
+    if n_heavy <= 0 or not rest:
+        return sorted(fixed)
+    if state.mass is None:
+        heavy = rest[len(rest) - n_heavy:]
+    else:
+        mass = state.mass
+        if mass.numel() < state.num_cached:          # entries written since the last scoring
+            mass = torch.cat([mass, mass.new_zeros(state.num_cached - mass.numel())])
+        scores = mass[torch.tensor(rest, dtype=torch.long)]
+        top = torch.topk(scores, min(n_heavy, len(rest)), sorted=False).indices.tolist()
+        heavy = [rest[i] for i in top]
+    return sorted(fixed + heavy)
+
+
+def compaction_moves(kept: list[int], num_cached: int) -> list[tuple[int, int]]:
+    """(source entry, destination entry) pairs that pack `kept` into entries 0 .. len(kept) - 1.
+
+    Kept entries already in front stay; each hole in front takes a kept entry from past the
+    front, in order. At most len(kept) moves, usually as many as entries evicted from the front.
+    """
+    k = len(kept)
+    keep = set(kept)
+    holes = [i for i in range(k) if i not in keep]
+    sources = [i for i in kept if i >= k]
+    if len(holes) != len(sources) or (kept and kept[-1] >= num_cached):
+        raise ValueError("kept entries must be distinct indices below the cache length")
+    return list(zip(sources, holes))

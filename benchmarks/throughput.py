@@ -11,8 +11,8 @@ measured side by side mean anything.
     python benchmarks/throughput.py --long --models smollm2 --budget 1GiB   # KV pool under pressure
     python benchmarks/throughput.py --models gpt2 --budget 2GiB --threads 1
 
-Engines: memlm (bf16 weights and matmuls where they are measured fast, fp32 activations; the
-default of `LLM(model_name)`), memlm-fp32 (everything fp32 but the fp16 KV cache), hf
+Engines: memlm (the default of `LLM(model_name)`: a GGUF's own precision, else bf16 weights
+and matmuls where they are measured fast), memlm-bf16, memlm-fp32 (everything fp32 but the fp16 KV cache), hf
 (transformers, fp32), vllm (when .venv-vllm exists; `make bench-setup-vllm`).
 
 Output tokens/s counts the tokens each request asked for. HF runs static batches of 32 with
@@ -78,9 +78,10 @@ def worker_memlm(args, reqs, dtype: str = "auto") -> dict:
     from memlm.kernels import bf16_matmul_is_fast
     kw = {} if args.max_num_seqs is None else {"max_num_seqs": args.max_num_seqs}
     kw["kv_dtype"] = args.kv_dtype
-    if dtype == "auto":   # what LLM(model_name) picks; spelled out so the random GPT-2 gets it too
+    model = _memlm_model(args.model)
+    if dtype == "auto" and not isinstance(model, str):   # a built model: what auto picks for a float checkpoint
         dtype = "bfloat16" if bf16_matmul_is_fast(torch.device("cpu")) else "float32"
-    llm = LLM(_memlm_model(args.model), memory_budget=args.budget, verbose=False, dtype=dtype, **kw)
+    llm = LLM(model, memory_budget=args.budget, verbose=False, dtype=dtype, **kw)
     params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], ignore_eos=True) for r in reqs]
     prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in reqs]
     llm.generate(prompts[:2], [SamplingParams(temperature=0, max_tokens=2)] * 2, use_tqdm=False)  # warm-up
@@ -203,6 +204,7 @@ def hf_dir(model: str) -> Path:
 
 BASELINE = "memlm-base"
 WORKERS = {"memlm": worker_memlm, "memlm-fp32": lambda a, r: worker_memlm(a, r, "float32"),
+           "memlm-bf16": lambda a, r: worker_memlm(a, r, "bf16"),
            "hf": worker_hf, "vllm": worker_vllm}
 
 

@@ -4,7 +4,8 @@ import itertools
 from engine_fakes import ByteTokenizer
 
 from memlm.engine.request import Request, RequestStatus
-from memlm.engine.scheduler import Scheduler, SchedulerConfig
+from memlm.engine.config import SchedulerConfig
+from memlm.engine.scheduler import Scheduler
 from memlm.kv.manager import KVCacheManager
 from memlm.sampling import SamplingParams
 

@@ -64,3 +64,23 @@ def test_wrong_bytes_and_unknown_codec_are_one_line_errors():
         gemv.from_gguf_bytes(raw, "q8_0", 4, 96)
     with pytest.raises(ValueError, match="block codec must be one of q8_0, q4_0, q4_1"):
         gemv.quantize(torch.zeros(2, 32), "q5_0")
+
+
+@pytest.mark.parametrize("codec", gemv.CODECS)
+@pytest.mark.parametrize("n, k, m", [(33, 96, 32), (50, 70, 64), (7, 1000, 40)])
+def test_many_rows_multiply_bf16_tiles_of_the_exact_weights(monkeypatch, codec, n, k, m):
+    """From TILE_MIN_ROWS rows on, W is dequantized to bf16 tiles (here 3 rows each, so N is
+    split unevenly) for the bf16 GEMM: bf16 rounding of x and W only."""
+    if not gemv.available():
+        pytest.skip("no C compiler / MEMLM_NATIVE=0")
+    monkeypatch.setattr(gemv, "_bf16_gemm_is_fast", lambda: True)
+    monkeypatch.setattr(gemv, "TILE_ELEMENTS", 3 * (-(-k // gemv.QK) * gemv.QK))
+    torch.manual_seed(n + k + m)
+    held = gemv.quantize(torch.randn(n, k), codec)
+    x = torch.randn(m, k)
+    w = gemv.dequantize(held)
+    expected = x.bfloat16().double() @ w.bfloat16().double().t()
+    y = gemv.block_matmul(x, held)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y.double(), x.double() @ w.double().t(), rtol=0.05, atol=0.05 * k ** 0.5)

@@ -1,6 +1,6 @@
 """EngineConfig: the engine's knobs, each default defined here once.
 
-Owns: the defaults (module constants, which `SchedulerConfig`, `ModelRunner` and the CLI's help
+Owns: the defaults (module constants, which `SchedulerConfig` below, `ModelRunner` and the CLI's help
 derive from) and validation of the knobs. The KV dtype speaks the one dtype vocabulary
 (`memlm.dtypes`): fp32, fp16, bf16, int8, int4, int2 (torch spellings accepted), or "auto".
 Does not know: how the engine is wired or sized (`llm_engine.py`, `memory/budget.py`).
@@ -72,3 +72,21 @@ class EngineConfig:
         object.__setattr__(self, "disk_budget", parse_size(self.disk_budget))
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Scheduling knobs, the defaults above (the engine passes its own)."""
+
+    max_num_seqs: int = MAX_NUM_SEQS                      # sequences holding KV at once
+    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS  # tokens per step
+    max_model_len: int = MAX_MODEL_LEN                    # positions per sequence
+    share_prompt_blocks: bool = True                      # n > 1 forks share prompt blocks
+    admission_headroom: int = ADMISSION_HEADROOM          # growth kept free per running seq
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.admission_headroom < 0:
+            raise ValueError(f"SchedulerConfig.admission_headroom must be >= 0, got {self.admission_headroom}")

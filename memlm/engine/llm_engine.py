@@ -19,7 +19,8 @@ from memlm.engine.config import EngineConfig
 from memlm.engine.eviction import PolicyStep
 from memlm.engine.request import Request
 from memlm.engine.runner import ModelRunner
-from memlm.engine.scheduler import Scheduler, SchedulerConfig
+from memlm.engine.config import SchedulerConfig
+from memlm.engine.scheduler import Scheduler
 from memlm.memory import budget as mem
 from memlm.memory.plan import MemoryPlan, StepProfile, plan_memory
 from memlm.kernels import attention as paged_attention

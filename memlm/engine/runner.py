@@ -27,7 +27,7 @@ import torch
 
 from memlm.engine.config import GATHER_CAP_TOKENS
 from memlm.models.blocks import Rotary
-from memlm.engine.scheduler import ScheduledSeq, SchedulerOutput
+from memlm.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from memlm.kv.paged_view import DecodeGroup, PagedBatch, PagedView, PrefillSegment
 from memlm.kv.store import KVStore
 from memlm.sampling import SampleRow, Sampler, top_logprobs
@@ -217,7 +217,7 @@ class ModelRunner:
     @torch.inference_mode()
     def warm_up(self, num_tokens: int, num_seqs: int) -> None:
         """Create every bf16 matmul shape the engine will use (oneDNN keeps per-shape state that
-        stays resident; see `linear.bf16.row_bucket`), so it is measured as resident, not workspace."""
+        stays resident; see `kernels.cpu.row_bucket`), so it is measured as resident, not workspace."""
         if self.device.type == "cpu":
             self.model.warm_up(max(num_tokens, num_seqs))
 

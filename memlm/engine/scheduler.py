@@ -16,77 +16,17 @@ shares and frees them), tensors, the model, or text (sequences finish by their `
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from memlm.engine import config as defaults
+from memlm.engine.config import SchedulerConfig
 from memlm.engine.eviction import PolicyStep, SlotMoves
 from memlm.engine.request import Request, RequestStatus, Sequence
+from memlm.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from memlm.kv.manager import NO_HIT, KVCacheManager, PrefixHit
 
 if TYPE_CHECKING:                       # the scheduler itself never touches tensors
     from memlm.kv.offload import KVOffload
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Scheduling knobs; the defaults are `engine/config.py`'s (the engine passes its own)."""
-
-    max_num_seqs: int = defaults.MAX_NUM_SEQS                      # sequences holding KV at once
-    max_num_batched_tokens: int = defaults.MAX_NUM_BATCHED_TOKENS  # tokens per step
-    max_model_len: int = defaults.MAX_MODEL_LEN                    # positions per sequence
-    share_prompt_blocks: bool = True                               # n > 1 forks share prompt blocks
-    admission_headroom: int = defaults.ADMISSION_HEADROOM          # growth kept free per running seq
-
-    def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.admission_headroom < 0:
-            raise ValueError(f"SchedulerConfig.admission_headroom must be >= 0, got {self.admission_headroom}")
-
-
-@dataclass
-class ScheduledSeq:
-    """One sequence's share of a step."""
-
-    seq: Sequence
-    start: int                 # first position computed this step (= tokens already computed)
-    num_tokens: int            # tokens computed this step
-    token_ids: list[int]       # (num_tokens,) their ids
-    block_table: list[int]     # blocks covering cache entries 0 .. cache_start + num_tokens - 1
-    cache_start: int = -1      # cache entry of the first (= start unless a KV policy evicted)
-
-    def __post_init__(self):
-        if self.cache_start < 0:
-            self.cache_start = self.start
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the sequence's end, so its last row is sampled."""
-        return self.start + self.num_tokens == self.seq.num_tokens
-
-    @property
-    def is_decode(self) -> bool:
-        return self.num_tokens == 1 and self.start > 0
-
-
-@dataclass
-class SchedulerOutput:
-    """What the runner must compute this step."""
-
-    scheduled: list[ScheduledSeq]                             # in batch order
-    preempted_seq_ids: list[int] = field(default_factory=list)  # KV dropped; state must reset
-    freed_seq_ids: list[int] = field(default_factory=list)      # finished since the last step
-    kv_moves: SlotMoves = field(default_factory=SlotMoves)      # KV policy packing, before the forward
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
 
 
 class Scheduler:

@@ -1,7 +1,8 @@
 """What this CPU can do: the one reader of its feature flags, and the bf16-matmul decision.
 
 Owns: `cpu_flags()` (the `flags` line of /proc/cpuinfo, read once per process) and
-`bf16_matmul_is_fast(device)`, which model loading asks before choosing bf16 weights.
+`bf16_matmul_is_fast(device)`, which model loading asks before choosing bf16 weights, and
+`row_bucket`, the row counts every bf16 matmul is padded to (oneDNN keeps state per shape).
 `native.py` keys its build cache on the same flags (a `-march=native` build is only valid on
 the CPU it was built for).
 Does not know: how kernels are built, or which model is loaded.
@@ -53,3 +54,18 @@ def bf16_matmul_is_fast(device: torch.device) -> bool:
             if i >= 2:                          # the first calls create oneDNN's kernels
                 best[x.dtype] = min(best[x.dtype], time.perf_counter() - t)
     return best[torch.bfloat16] * 1.5 < best[torch.float32]
+
+
+def row_bucket(m: int) -> int:
+    """Rows a bf16 matmul is padded to: 1, 2, 4, ..., 256, then multiples of 256.
+
+    oneDNN keeps state for every distinct matmul shape it has seen (~0.7 MiB per row count per
+    weight, measured), so unpadded row counts 1..2048 would grow RSS by hundreds of MiB behind
+    the budget's back. Buckets bound the shapes to 16 per weight up to 2048 rows; `warm_up`
+    creates them all before the engine's profile step, and the budget counts them as resident.
+    Padding is cheap where it happens: up to 256 rows the matmuls are bound by reading the
+    weights, not by the rows; above, busy steps are full (exactly max_num_batched_tokens).
+    """
+    if m <= 256:
+        return 1 << max(0, (m - 1).bit_length())
+    return -(-m // 256) * 256

@@ -132,7 +132,7 @@ class Transformer(nn.Module):
 
     def warm_up(self, max_rows: int) -> None:
         """Create the linear method's per-shape state for batches of 1..max_rows rows, so a
-        memory profile measures it as resident (bf16: oneDNN's, see `bf16.row_bucket`)."""
+        memory profile measures it as resident (bf16: oneDNN's, see `kernels.cpu.row_bucket`)."""
         self.linear_method.warm_up(self, max_rows)
 
     def forward_dense(self, input_ids: torch.Tensor, hidden_states: list | None = None) -> torch.Tensor:

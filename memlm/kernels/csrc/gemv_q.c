@@ -149,6 +149,59 @@ void gemv_q(int type, const uint8_t* W, const float* x, float* y, int M, int N, 
     free(xs);
 }
 
+/* Dequantize W (N rows of K/32 blocks of `type`) into out (N, K) bf16 (round to nearest even):
+   the tile a large-M matmul multiplies with the bf16 GEMM, where reusing each weight over
+   many rows beats decoding blocks per 8 rows. Threads split the rows. */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits; memcpy(&bits, &f, 4);
+    if ((bits & 0x7F800000u) == 0x7F800000u) return (uint16_t)(bits >> 16);   /* inf / nan */
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* one block of 32 weights -> o[0..32) bf16 */
+static inline void dequant_block_bf16(int type, const uint8_t* w, uint16_t* o) {
+    const float d = block_scale(w);
+#if defined(__AVX512F__)
+    const __m512 vd = _mm512_set1_ps(d);
+    if (type == TYPE_Q8_0) {
+        const __m128i* q = (const __m128i*)(w + 2);
+        for (int h = 0; h < 2; h++)
+            bf16x16_store(o + 16 * h, _mm512_mul_ps(vd, _mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_loadu_si128(q + h)))));
+        return;
+    }
+    const __m512 vm = _mm512_set1_ps(type == TYPE_Q4_1 ? block_scale(w + 2) : -8.f * d);
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + (type == TYPE_Q4_1 ? 4 : 2))));
+    const __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(b, 4);
+    bf16x16_store(o, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(lo), vm));
+    bf16x16_store(o + 16, _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(hi), vm));
+#else
+    if (type == TYPE_Q8_0) {
+        const int8_t* q = (const int8_t*)(w + 2);
+        for (int j = 0; j < QK; j++) o[j] = float_to_bf16(d * (float)q[j]);
+        return;
+    }
+    const float m = type == TYPE_Q4_1 ? block_scale(w + 2) : -8.f * d;
+    const uint8_t* qs = w + (type == TYPE_Q4_1 ? 4 : 2);
+    for (int j = 0; j < QK / 2; j++) {
+        o[j] = float_to_bf16(d * (float)(qs[j] & 15) + m);
+        o[j + QK / 2] = float_to_bf16(d * (float)(qs[j] >> 4) + m);
+    }
+#endif
+}
+
+void dequant_q_bf16(int type, const uint8_t* W, uint16_t* out, int N, int K) {
+    const int bb = block_bytes(type), G = K / QK;
+    if (bb == 0 || N <= 0) return;
+    const int64_t row_bytes = (int64_t)G * bb;
+    _Pragma("omp parallel for schedule(static) if((int64_t)N * K >= 65536)")
+    for (int n = 0; n < N; n++) {
+        const uint8_t* w = W + (int64_t)n * row_bytes;
+        uint16_t* o = out + (int64_t)n * K;
+        for (int g = 0; g < G; g++) dequant_block_bf16(type, w + (int64_t)g * bb, o + g * QK);
+    }
+}
+
 /* Streaming read bandwidth probe for the benchmark: sum of n floats (the bytes-per-token
    figure is compared against it). Threads split the array. */
 void stream_sum(const float* a, int64_t n, float* out) {

@@ -21,26 +21,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memlm.kernels import fused_ops
+from memlm.kernels.cpu import row_bucket
 from memlm.models.linear.base import Embedding, Linear, LinearMethod, register
 
 REFINE_TOP = 16   # logits recomputed exactly (fp32) per row, see Bf16Method.logits
 # oneDNN post-op (name, algorithm) per activation, run inside a packed matmul's output pass
 POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
-
-
-def row_bucket(m: int) -> int:
-    """Rows a bf16 matmul is padded to: 1, 2, 4, ..., 256, then multiples of 256.
-
-    oneDNN keeps state for every distinct matmul shape it has seen (~0.7 MiB per row count per
-    weight, measured), so unpadded row counts 1..2048 would grow RSS by hundreds of MiB behind
-    the budget's back. Buckets bound the shapes to 16 per weight up to 2048 rows; `warm_up`
-    creates them all before the engine's profile step, and the budget counts them as resident.
-    Padding is cheap where it happens: up to 256 rows the matmuls are bound by reading the
-    weights, not by the rows; above, busy steps are full (exactly max_num_batched_tokens).
-    """
-    if m <= 256:
-        return 1 << max(0, (m - 1).bit_length())
-    return -(-m // 256) * 256
 
 
 def _padded_bf16(x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from memlm.kernels import gemv, quant
+from memlm.kernels.cpu import row_bucket
 from memlm.models.linear.base import Embedding, Linear, LinearMethod
 
 
@@ -181,6 +182,21 @@ class WeightOnlyMethod(LinearMethod):
             return hidden.new_empty(0, head.qweight.shape[0], dtype=torch.float32)
         x = hidden.to(self.act_dtype).contiguous()
         return quant.int8_matmul(x, head.qweight, head.scales).float()
+
+    def warm_up(self, model: nn.Module, max_rows: int) -> None:
+        """Run every block-held weight shape at every row bucket from `gemv.TILE_MIN_ROWS` up to
+        `max_rows` once: the tiled bf16 path keeps oneDNN state per shape (`kernels.cpu.row_bucket`),
+        which the memory profile must see as resident."""
+        held = {}
+        for m in model.modules():
+            w = getattr(m, "block_weight", None)
+            if w is not None:
+                held[(w.out_features, w.in_features, w.codec)] = w
+        buckets = sorted({row_bucket(r) for r in range(gemv.TILE_MIN_ROWS, max_rows + 1)})
+        with torch.inference_mode():
+            for b in buckets:
+                for w in held.values():
+                    gemv.block_matmul(torch.zeros(b, w.in_features), w)
 
     # ---- the model as a whole --------------------------------------------------------------
     def held_outside_parameters(self, model: nn.Module) -> tuple[int, int]:

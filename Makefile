@@ -25,7 +25,9 @@ chat: install
 # Then the engine again without the native kernels: the plain-torch path a GPU runs.
 test: install
 	$(PYTHON) -m pytest -q tests
-	MEMLM_NATIVE=0 $(PYTHON) -m pytest -q tests/test_engine_paged.py tests/test_entrypoints_async.py tests/test_entrypoints_llm.py
+	MEMLM_NATIVE=0 $(PYTHON) -m pytest -q tests/test_engine_paged.py tests/test_entrypoints_async.py tests/test_entrypoints_llm.py \
+		tests/test_kv_codecs.py tests/test_kv_policies.py tests/test_kernels_attention_mass.py tests/test_kv_prefix_cache.py \
+		tests/test_kv_tiers.py tests/test_kernels_gemv.py
 
 bench-load: install
 	$(PYTHON) benchmarks/load.py

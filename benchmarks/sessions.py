@@ -25,11 +25,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from worker_process import run_json_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are a helpful assistant. Answer briefly and concretely."
@@ -127,13 +128,10 @@ def run(worker: str, args, **extra) -> dict:
         if k not in ("worker", "part") and v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-    if status != 0 or not lines:
-        raise SystemExit(f"worker {worker} failed (exit status {status >> 8})")
-    return dict(json.loads(lines[-1]), peak_rss=usage.ru_maxrss * 1024)
+    result = run_json_worker(cmd, env)
+    if "error" in result:
+        raise SystemExit(f"worker {worker} failed ({result['error']})")
+    return result
 
 
 def main() -> None:

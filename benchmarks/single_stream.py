@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from worker_process import run_json_worker
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes "
           "Gutenberg combined movable metal type with an oil-based ink and a screw press, and")
@@ -153,13 +155,7 @@ def run_engine(name: str, args) -> dict:
     cmd = [python, __file__, "--worker", name, "--threads", str(args.threads), "--budget", args.budget,
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-    if status != 0 or not lines:
-        return {"error": f"exit status {status >> 8}"}
-    return dict(json.loads(lines[-1]), peak_rss=usage.ru_maxrss * 1024)
+    return run_json_worker(cmd, env)
 
 
 def completes(weight_dtype: str, group, budget_mib: int) -> bool:

@@ -25,10 +25,11 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from worker_process import run_json_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "bench"
@@ -228,18 +229,9 @@ def run_worker(engine: str, args, work_file: Path) -> dict:
         env["OMP_NUM_THREADS"] = str(args.threads)
     if engine == "vllm":
         env.update(VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_NUM_OF_RESERVED_CPU="0", VLLM_CPU_KVCACHE_SPACE="2")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        return {"error": f"exit status {status >> 8}"}
-    # The worker's result is its last JSON line; engines (vLLM) may print more after it.
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        return {"error": "worker printed no result line"}
-    result = json.loads(lines[-1])
-    result["peak_rss"] = usage.ru_maxrss * 1024
-    result["tokens_per_s"] = result["output_tokens"] / result["seconds"]
+    result = run_json_worker(cmd, env)
+    if "error" not in result:
+        result["tokens_per_s"] = result["output_tokens"] / result["seconds"]
     return result
 
 

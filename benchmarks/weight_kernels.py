@@ -11,23 +11,13 @@ model pays it). Ratios are within this run only: the machine may be shared.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from kernels import timed     # benchmarks/kernels.py: best of `repeats` after a warm-up call
 
 # (name, out, in, count per token) of SmolLM2-135M: 30 layers, fused q|k|v and gate|up, tied head
 SHAPES = [("qkv", 960, 576, 30), ("o", 576, 576, 30), ("gate_up", 3072, 576, 30), ("down", 576, 1536, 30),
           ("head", 49152, 576, 1)]
-
-
-def best(fn, repeats: int) -> float:
-    fn()
-    out = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t)
-    return out
 
 
 def main() -> None:
@@ -63,7 +53,7 @@ def main() -> None:
                 "torch bf16": lambda: xb @ wb.t(),
                 "torch fp32": lambda: x @ w.t(),
             }
-            times = {label: best(fn, args.repeats) for label, fn in cells.items()}
+            times = {label: timed(fn, args.repeats) for label, fn in cells.items()}
             base = times["torch int4 g32"]
             row = "  ".join(f"{label} {t * 1e6:8.1f}us ({base / t:4.2f}x)" for label, t in times.items())
             print(f"{name:>8} {n:>5}x{k:<5} rows {m:>3}: {row}")

@@ -1,0 +1,7 @@
+"""Scaling memlm out on existing distributed engines (the optional `memlm[distributed]` extra):
+Ray Serve replicas (`ray_serve.py`), Ray Data batch inference (`ray_data.py`), data-parallel
+training under torchrun (`ddp.py`) and federated distillation on Flower (`federated.py`).
+
+Nothing in the core imports this package; each module imports its engine (ray, flwr,
+torch.distributed) itself and says in one line how to install it when it is missing.
+"""

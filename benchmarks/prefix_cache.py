@@ -12,7 +12,15 @@
     (SmolLM2, all requests submitted at once) with its hit rate and throughput, and the same
     run with the cache off.
 
+(c) Tiers on vs off: the mixed workload one request at a time (max_tokens=1) on a small pool,
+    alternating two engines request by request at the same KV bytes — "off": --tiers-blocks
+    hot blocks, evicted cached blocks dropped; "on": 1 - --warm-fraction of those blocks, plus a
+    warm tier capped at the bytes of the blocks it gave up, where evicted cached blocks that were
+    reused wait compressed (kv/prefix_tier.py). TTFT median / mean / p90 of each (target: on
+    never worse).
+
     PYTHONPATH=. python benchmarks/prefix_cache.py       # (a) + (b) replay + (b) engine
+    PYTHONPATH=. python benchmarks/prefix_cache.py --parts tiers --tiers-requests 40 --threads 1
     PYTHONPATH=. python benchmarks/prefix_cache.py --parts replay   # replay only (seconds)
 """
 from __future__ import annotations
@@ -145,6 +153,43 @@ def run_engine(args):
           f"/{len(prompts)}, cost {same}/{len(prompts)}")
 
 
+def run_tiers(args):
+    from memlm import LLM
+    reqs = workload(args.tiers_requests, args.hot, args.hot_len, (args.one_off_min, args.one_off_max),
+                    args.hot_share, 1, args.seed + 2)
+    prompts = [[t % 49_000 for t in p] for p, _ in reqs]
+    on_blocks = int(args.tiers_blocks * (1 - args.warm_fraction))
+    llms = {"off": LLM("smollm2-135m-instruct", verbose=False, max_num_seqs=1, num_kv_blocks=args.tiers_blocks,
+                       num_threads=args.threads),
+            "on": LLM("smollm2-135m-instruct", verbose=False, max_num_seqs=1, num_kv_blocks=on_blocks,
+                      warm_fraction=args.warm_fraction, num_threads=args.threads)}
+    warm = llms["on"].engine.offload.warm       # same KV bytes: the blocks "on" gave up, no more
+    warm.capacity = min(warm.capacity, (args.tiers_blocks - on_blocks) * llms["on"].engine.plan.block_bytes)
+    print(f"(c) tiers: SmolLM2, {len(prompts)} requests one at a time, {args.hot} hot prompts of "
+          f"{args.hot_len} tokens ({args.hot_share:.0%}), one-offs {args.one_off_min}-{args.one_off_max}; "
+          f"off: {args.tiers_blocks} blocks; on: {on_blocks} blocks + a warm tier of "
+          f"{warm.capacity / 2**20:.1f} MiB (the same KV bytes)")
+    for llm in llms.values():
+        ttft(llm, prompts[0][:64])                       # warm-up
+    times = {name: [] for name in llms}
+    for i, p in enumerate(prompts):
+        for name in (("off", "on") if i % 2 == 0 else ("on", "off")):
+            times[name].append(ttft(llms[name], p))
+    print("  tiers | TTFT median ms | mean ms | p90 ms | hit rate | evictions | demoted | restored blocks")
+    stats = {}
+    for name, llm in llms.items():
+        t = sorted(times[name])
+        m = llm.metrics
+        stats[name] = (statistics.median(t), statistics.mean(t))
+        print(f"  {name:5s} | {stats[name][0] * 1e3:14.1f} | {stats[name][1] * 1e3:7.1f} | "
+              f"{t[int(0.9 * (len(t) - 1))] * 1e3:6.1f} | {m.prefix_cache_hit_rate:8.1%} | "
+              f"{m.prefix_cache_evictions:9d} | {m.prefix_tier_demotions:7d} | {m.prefix_tier_restored_blocks}")
+    print(f"  warm tier held {llms['on'].metrics.warm_bytes / 2**20:.1f} MiB at the end "
+          f"(one hot block: {llms['on'].engine.plan.block_bytes / 2**20:.2f} MiB)")
+    ratio_med, ratio_mean = stats["on"][0] / stats["off"][0], stats["on"][1] / stats["off"][1]
+    print(f"  on / off: median {ratio_med:.3f}, mean {ratio_mean:.3f} (target: on never worse)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -162,18 +207,24 @@ def main():
     ap.add_argument("--engine-requests", type=int, default=24)
     ap.add_argument("--engine-blocks", type=int, default=160)
     ap.add_argument("--engine-seqs", type=int, default=2)
-    ap.add_argument("--parts", default="replay,ttft,engine",
-                    help="comma-separated: replay (no model, seconds), ttft, engine (default: all)")
+    ap.add_argument("--tiers-requests", type=int, default=60)
+    ap.add_argument("--tiers-blocks", type=int, default=80)
+    ap.add_argument("--warm-fraction", type=float, default=0.25)
+    ap.add_argument("--parts", default="replay,ttft,engine,tiers",
+                    help="comma-separated: replay (no model, seconds), ttft, engine, tiers (default: all)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    if parts - {"replay", "ttft", "engine"}:
-        raise SystemExit(f"--parts: unknown part(s) {', '.join(sorted(parts - {'replay', 'ttft', 'engine'}))}")
+    known = {"replay", "ttft", "engine", "tiers"}
+    if parts - known:
+        raise SystemExit(f"--parts: unknown part(s) {', '.join(sorted(parts - known))}")
     if "replay" in parts:
         run_replay(args)
     if "ttft" in parts:
         run_ttft(args)
     if "engine" in parts:
         run_engine(args)
+    if "tiers" in parts:
+        run_tiers(args)
 
 
 if __name__ == "__main__":

@@ -37,14 +37,19 @@ SETTINGS = [  # (label, weight dtype[:int4 group size], kv_dtype, MEMLM_NATIVE)
     ("int4 g32 = the file's Q4_1/Q8_0 blocks kept (torch), fp32 KV", "int4:32", "float32", "0"),
     ("int4 weights g128 (requantized), fp32 KV", "int4:128", "float32", "1"),
     ("int4 g32 blocks kept (native), fp16 KV", "int4:32", "float16", "1"),
+    # 8-token steps: every matmul but the head takes the decode kernels (rows <= 8), with 8-bit
+    # activations per block of 32 (AVX-512 VNNI) and without (fp32 activations)
+    ("int4 g32 blocks kept, 8-token steps, 8-bit activations, fp32 KV", "int4:32@8", "float32", "1"),
+    ("int4 g32 blocks kept, 8-token steps, fp32 activations, fp32 KV", "int4:32@8", "float32", "1:int8act=0"),
 ]
 
 
 def worker(dtype: str, kv_dtype: str, tokens: int) -> dict:
     from memlm import LLM, SamplingParams
+    dtype, _, step = dtype.partition("@")
     dtype, _, group = dtype.partition(":")
     llm = LLM("smollm2-135m-instruct", memory_budget="2GiB", verbose=False, dtype=dtype,
-              kv_dtype=kv_dtype, max_num_batched_tokens=128,
+              kv_dtype=kv_dtype, max_num_batched_tokens=int(step) if step else 128,
               weight_group_size=int(group) if group else None)
     total, n = 0.0, 0
     for name in FILES:
@@ -76,7 +81,8 @@ def main() -> None:
     for label, dtype, kv, native in SETTINGS:
         if args.only and args.only not in label and label != SETTINGS[0][0]:
             continue
-        env = dict(os.environ, MEMLM_NATIVE=native)
+        native, _, act = native.partition(":int8act=")
+        env = dict(os.environ, MEMLM_NATIVE=native, **({"MEMLM_INT8_ACTIVATIONS": act} if act else {}))
         out = subprocess.run([sys.executable, __file__, "--worker", dtype, kv, "--threads", str(args.threads),
                               "--tokens", str(args.tokens)], env=env, capture_output=True, text=True, check=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])

@@ -18,6 +18,8 @@ each answer, and the command line. Does not know: how servers are started and me
 
     python benchmarks/serve_load.py --servers memlm,vllm,llamacpp      # the full comparison
     python benchmarks/serve_load.py --servers memlm --quick            # a short memlm-only run
+    python benchmarks/serve_load.py --servers memlm,vllm --ramp 32 --burst-servers none \
+        --memlm-args "--weight-dtype bf16"                               # memlm's serving flags
 
 Timings on a shared machine are noisy: compare the ratios within one run only.
 """
@@ -197,6 +199,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--servers", default="memlm,vllm,llamacpp", help="comma-separated: memlm, vllm, llamacpp")
     p.add_argument("--memory-budget", default="1GiB", help="memlm's budget (default %(default)s)")
+    p.add_argument("--memlm-args", default="",
+                   help="extra memlm serve flags, e.g. \"--weight-dtype bf16 --max-num-seqs 64\"")
     p.add_argument("--max-waiting", type=int, default=64, help="memlm's queue before 429 (default %(default)s)")
     p.add_argument("--ramp", default="1,8,32,64", help="concurrency levels (default %(default)s)")
     p.add_argument("--burst", type=int, default=200, help="requests sent at once (default %(default)s)")
@@ -231,7 +235,8 @@ def main() -> None:
     ends = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     args.eos_ids = sorted({tokenizer.eos_token_id, *ends})
     print(f"serve_load: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; ramp {args.ramp}, burst {args.burst}, "
-          f"{args.max_tokens} tokens, context {args.context}", flush=True)
+          f"{args.max_tokens} tokens, context {args.context}, memlm {args.memory_budget} "
+          f"{args.memlm_args or '(default flags)'}", flush=True)
     runs = [bench_server(s, args, tokenizer) for s in servers]
     print_comparison(runs, args)
 

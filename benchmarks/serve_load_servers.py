@@ -9,6 +9,7 @@ Does not know: the workload or the figures.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -53,7 +54,7 @@ class Server:
         if self.name == "memlm":
             return [sys.executable, "-m", "memlm", "serve", "--memory-budget", args.memory_budget,
                     "--port", port, "--max-waiting", str(args.max_waiting),
-                    "--served-model-name", self.model]
+                    "--served-model-name", self.model, *shlex.split(args.memlm_args or "")]
         if self.name == "vllm":
             from throughput import hf_dir
             d = hf_tokenizer_dir(hf_dir("smollm2"))

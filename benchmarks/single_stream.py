@@ -4,7 +4,10 @@ The embedded SmolLM2, batch 1, greedy, a 32-token prompt and 256 new tokens (ign
 threads. Every engine runs in its own subprocess (peak RSS from the kernel through wait4),
 one after another in the same invocation, after a short warm-up generation in the same process.
 Decode tok/s counts the tokens after the first over the time after the first; time to first
-token (TTFT) is the prompt's prefill plus the first token. llama.cpp (llama-cpp-python in
+token (TTFT) is the prompt's prefill plus the first token. CPU ms/token is the process's user +
+system CPU time over those decode tokens (getrusage): less sensitive to other processes' load
+than wall time, and at `--threads 1` the cleanest comparison on a shared machine (with more
+threads it includes OpenMP / ggml threads spinning at barriers). llama.cpp (llama-cpp-python in
 .venv-llamacpp, `make bench-setup-llamacpp`) runs the embedded Q4_1 file and Q8_0 / F16 copies of
 the same weights written with the `gguf` package (cached under ~/.cache/memlm/bench), each
 against memlm at equal precision: int4 (the file's Q4_1 blocks kept), int8 on the Q8_0 copy
@@ -14,8 +17,10 @@ against memlm at equal precision: int4 (the file's Q4_1 blocks kept), int8 on th
     python benchmarks/single_stream.py --engines int8,int4 --new-tokens 64
     python benchmarks/single_stream.py --min-budget           # + the smallest budget per weight dtype
 
-memlm runs with `--memory-budget` (default 1GiB) and a KV pool capped at 32 blocks (512
-tokens, room for the prompt and the reply), like a llama.cpp context of 512.
+memlm runs with `--memory-budget` (default 1GiB), a KV pool capped at 32 blocks (512 tokens,
+room for the prompt and the reply), like a llama.cpp context of 512, and steps of at most
+`--batch-tokens` (512) tokens, like llama-cpp-python's n_batch: the engine's start-up profile
+of its largest step is most of the peak RSS (2048-token steps: +144 MiB measured).
 `--min-budget` bisects, per memlm weight dtype, the smallest `--memory-budget` (to 16 MiB)
 with which `memlm generate --chat` completes a short reply.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -82,6 +88,11 @@ def gguf_copy(qtype: str) -> Path:
     return out
 
 
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def llamacpp_worker(args) -> dict:
     """Runs in .venv-llamacpp's python (no torch, no memlm): greedy, streamed, same prompt."""
     from llama_cpp import Llama
@@ -96,9 +107,10 @@ def llamacpp_worker(args) -> dict:
                                    logit_bias={llm.token_eos(): -1e9}):
         n += 1
         if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    return {"ttft": first - start, "decode_tok_s": (n - 1) / (end - first), "tokens": n}
+            first, cpu0 = time.perf_counter(), cpu_seconds()
+    end, cpu1 = time.perf_counter(), cpu_seconds()
+    return {"ttft": first - start, "decode_tok_s": (n - 1) / (end - first), "tokens": n,
+            "cpu_ms": (cpu1 - cpu0) / (n - 1) * 1e3}
 
 
 def memlm_worker(args) -> dict:
@@ -107,7 +119,8 @@ def memlm_worker(args) -> dict:
     model = str(gguf_copy(group)) if isinstance(group, str) else "smollm2-135m-instruct"
     group = group if isinstance(group, int) else None
     llm = LLM(model, memory_budget=args.budget, verbose=False, weight_dtype=weight_dtype,
-              weight_group_size=group, num_threads=args.threads, max_num_seqs=1, num_kv_blocks=32)
+              weight_group_size=group, num_threads=args.threads, max_num_seqs=1, num_kv_blocks=32,
+              max_num_batched_tokens=args.batch_tokens)
     ids = llm.tokenizer.encode(PROMPT)[:args.prompt_tokens]
     llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
@@ -115,10 +128,10 @@ def memlm_worker(args) -> dict:
     for chunk in llm.stream({"prompt_token_ids": ids}, params):
         n += len(chunk.token_ids)
         if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
+            first, cpu0 = time.perf_counter(), cpu_seconds()
+    end, cpu1 = time.perf_counter(), cpu_seconds()
     return {"ttft": first - start, "decode_tok_s": (n - 1) / (end - first), "tokens": n,
-            "weight_bytes": llm.loaded.weight_bytes}
+            "weight_bytes": llm.loaded.weight_bytes, "cpu_ms": (cpu1 - cpu0) / (n - 1) * 1e3}
 
 
 def hf_worker(args) -> dict:
@@ -153,6 +166,7 @@ def run_engine(name: str, args) -> dict:
             return {"error": f"{LLAMACPP_PYTHON} is missing: run `make bench-setup-llamacpp`"}
         python, extra = str(LLAMACPP_PYTHON), ["--gguf", str(gguf_copy(qtype))]
     cmd = [python, __file__, "--worker", name, "--threads", str(args.threads), "--budget", args.budget,
+           "--batch-tokens", str(args.batch_tokens),
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
     return run_json_worker(cmd, env)
@@ -184,6 +198,8 @@ def main() -> None:
     ap.add_argument("--budget", default="1GiB", help="memlm's --memory-budget (default %(default)s)")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--batch-tokens", type=int, default=512,
+                    help="memlm's max_num_batched_tokens (default %(default)s = llama-cpp-python's n_batch)")
     ap.add_argument("--min-budget", action="store_true", help="also bisect the smallest budget per dtype")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
@@ -206,7 +222,8 @@ def main() -> None:
         if "error" in r:
             print(f"  {name:<13} {r['error']}", flush=True)
             continue
-        print(f"  {name:<13} decode {r['decode_tok_s']:7.1f} tok/s  ttft {r['ttft'] * 1000:6.1f} ms  "
+        cpu = f"  cpu {r['cpu_ms']:5.2f} ms/token" if "cpu_ms" in r else ""
+        print(f"  {name:<13} decode {r['decode_tok_s']:7.1f} tok/s{cpu}  ttft {r['ttft'] * 1000:6.1f} ms  "
               f"peak RSS {r['peak_rss'] / 2**20:6.0f} MiB" +
               (f"  weights {r['weight_bytes'] / 2**20:.0f} MiB" if "weight_bytes" in r else ""), flush=True)
     def ratio(a: str, b: str) -> None:
@@ -217,8 +234,10 @@ def main() -> None:
         dec = sum(r["decode_tok_s"] for r in ok_b) / len(ok_b)
         rss = sum(r["peak_rss"] for r in ok_b) / len(ok_b)
         ttft = sum(r["ttft"] for r in ok_b) / len(ok_b)
+        cpu = sum(r.get("cpu_ms", 0.0) for r in ok_b) / len(ok_b)
         for i, r in enumerate(r for n, r in runs if n == a and "error" not in r):
-            print(f"  {a}{f' (run {i + 1})' if i else ''} / {b}: decode {r['decode_tok_s'] / dec:.2f}x, "
+            cpu_ratio = f"cpu per token {cpu / r['cpu_ms']:.2f}x (theirs / ours), " if cpu and "cpu_ms" in r else ""
+            print(f"  {a}{f' (run {i + 1})' if i else ''} / {b}: decode {r['decode_tok_s'] / dec:.2f}x, {cpu_ratio}"
                   f"ttft {r['ttft'] / ttft:.2f}x, peak RSS {r['peak_rss'] / rss:.2f}x", flush=True)
     for name in dict.fromkeys(names):
         if name != "bf16" and not name.startswith("llamacpp"):

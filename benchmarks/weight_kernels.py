@@ -1,7 +1,9 @@
 """Weight kernels, same process: memlm's native block kernel (GGUF Q4_1 / Q8_0 kept as loaded)
 vs torch's int4 / int8 weight-only kernels and bf16 / fp32 matmuls, on SmolLM2-135M's
 projection shapes, for 1..64 activation rows; plus the measured streaming read bandwidth and
-the fraction of it a batch-1 decode step's weight reads reach.
+the fraction of it a batch-1 decode step's weight reads reach. "native" is the fp32-activation
+block kernel (csrc/gemv_q.c), "native x8" the 8-bit-activation one (csrc/decode_q.c, AVX-512
+VNNI; the per-token total uses it where `gemv.int8_activations()` holds, as the model does).
 
     python benchmarks/weight_kernels.py [--threads 2] [--rows 1,2,4,8,16,64]
 
@@ -11,6 +13,7 @@ model pays it). Ratios are within this run only: the machine may be shared.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from kernels import timed     # benchmarks/kernels.py: best of `repeats` after a warm-up call
@@ -32,6 +35,12 @@ def main() -> None:
     print(f"# native kernel available: {gemv.available()}, {args.threads} threads")
     gbps = gemv.stream_read_gbps()
     print(f"# streaming read bandwidth (sum of 512 MiB fp32, best of 5): {gbps:.1f} GB/s")
+    x8 = gemv.int8_activations()
+    print(f"# 8-bit activations chosen for decode rows: {x8}")
+
+    def act(on: bool, x, w):
+        os.environ["MEMLM_INT8_ACTIVATIONS"] = "1" if on else "0"
+        return gemv.block_matmul(x, w)
     totals: dict[str, float] = {}
     model_time = 0.0
     bytes_per_token = {"q4_1": 0, "q8_0": 0}
@@ -46,8 +55,10 @@ def main() -> None:
             x = torch.randn(m, k)
             xb = x.to(torch.bfloat16)
             cells = {
-                "native q4_1": lambda: gemv.block_matmul(x, q41),
-                "native q8_0": lambda: gemv.block_matmul(x, q80),
+                "native q4_1": lambda: act(False, x, q41),
+                "native q8_0": lambda: act(False, x, q80),
+                "native x8 q4_1": lambda: act(True, x, q41),
+                "native x8 q8_0": lambda: act(True, x, q80),
                 "torch int4 g32": lambda: quant.int4_matmul(xb, i4.packed, i4.scales_zeros, 32, n),
                 "torch int8 row": lambda: quant.int8_matmul(xb, i8.qweight, i8.scales),
                 "torch bf16": lambda: xb @ wb.t(),
@@ -57,8 +68,9 @@ def main() -> None:
             base = times["torch int4 g32"]
             row = "  ".join(f"{label} {t * 1e6:8.1f}us ({base / t:4.2f}x)" for label, t in times.items())
             print(f"{name:>8} {n:>5}x{k:<5} rows {m:>3}: {row}")
-            if m == 1:
-                model_time += times["native q8_0" if name == "head" else "native q4_1"] * count
+            if m == 1:      # the head keeps fp32 activations (`exact`); projections x8 where chosen
+                model_time += times["native q8_0" if name == "head" else
+                                    "native x8 q4_1" if x8 else "native q4_1"] * count
                 for label, t in times.items():
                     totals[label] = totals.get(label, 0.0) + t * count
     print("# batch-1 weight time per token (all 30 layers + head), ratio vs torch int4 g32:")

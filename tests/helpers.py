@@ -182,3 +182,29 @@ def llama_permute_inverse(w: np.ndarray, n_head: int) -> np.ndarray:
     out = np.empty_like(w)
     out[idx] = w
     return out
+
+
+def budget_above_rss(extra_mib: int = 768) -> str:
+    """A --memory-budget `extra_mib` above this process's RSS now: in-process tests run after the
+    whole suite's imports (ray, flwr, transformers ...), so a fixed budget can fall below the
+    runtime baseline the engine measures."""
+    import psutil
+
+    return f"{psutil.Process().memory_info().rss // 2**20 + extra_mib}MiB"
+
+
+def tiny_teacher_world(d: Path, text: str) -> Path:
+    """`d` with corpus.txt (`text`) and teacher/ (a tiny random memlm model with a tokenizer
+    trained on `text`): what the train/distill command-line tests run on."""
+    from memlm.config import ModelConfig
+    from memlm.models import Transformer
+    from memlm.training import checkpoint
+    from memlm.training.data import TextTokenizer
+
+    (d / "corpus.txt").write_text(text)
+    tok = TextTokenizer.train([text], vocab_size=300)
+    torch.manual_seed(0)
+    teacher = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=2,
+                                      intermediate_size=64, eos_token_ids=tok.eos_token_ids))
+    checkpoint.save_model(teacher, d / "teacher", tok)
+    return d

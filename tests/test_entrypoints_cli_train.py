@@ -4,7 +4,7 @@ import argparse
 from dataclasses import replace
 
 import pytest
-import torch
+from helpers import tiny_teacher_world
 
 from memlm.config import ModelConfig
 from memlm.entrypoints.cli import train as cli
@@ -80,14 +80,7 @@ def test_threads_are_set_once_through_runtime(monkeypatch):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    (d / "corpus.txt").write_text(TEXT)
-    tok = TextTokenizer.train([TEXT], vocab_size=300)
-    torch.manual_seed(0)
-    teacher = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=2,
-                                      intermediate_size=64, eos_token_ids=tok.eos_token_ids))
-    checkpoint.save_model(teacher, d / "teacher", tok)
-    return d
+    return tiny_teacher_world(tmp_path_factory.mktemp("cli"), TEXT)
 
 
 def test_train_eval_resume(world, capsys):

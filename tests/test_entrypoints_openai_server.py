@@ -322,6 +322,55 @@ def test_error_statuses(server):
     assert httpx.get(url + "/health").status_code == 200          # the server survived all of it
 
 
+def test_kv_policy_fields_through_extra_body_match_offline(server, offline):
+    """issue 14's fields reach SamplingParams: a `sinks` request runs a prompt longer than the
+    context (refused under `full`), equal to `LLM` with the same fields, on both endpoints."""
+    client = _client(server)
+    long_ids = [(7 * i) % 200 + 5 for i in range(CONTEXT + 40)]
+    kv = {"kv_policy": "sinks", "kv_sinks": 2, "kv_window": 62}
+    want = offline.generate({"prompt_token_ids": long_ids}, SamplingParams(
+        temperature=0, max_tokens=5, ignore_eos=True, **kv))[0].outputs[0]
+    got = client.completions.create(model=NAME, prompt=long_ids, max_tokens=5, temperature=0,
+                                    extra_body={"ignore_eos": True, **kv})
+    assert got.choices[0].text == want.text and got.usage.prompt_tokens == len(long_ids)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=NAME, prompt=long_ids, max_tokens=5, **GREEDY)
+
+    messages = [{"role": "user", "content": "Hello world, tell me more"}]
+    kv = {"kv_policy": "window", "kv_window": 8}
+    want = offline.chat(messages, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, **kv))[0]
+    got = client.chat.completions.create(model=NAME, messages=messages, max_completion_tokens=6,
+                                         temperature=0, extra_body={"ignore_eos": True, **kv})
+    assert got.choices[0].message.content == want.outputs[0].text
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(server, offline):
+    client = _client(server)
+    ids = [(11 * i) % 300 + 3 for i in range(CONTEXT + 100)]
+    want = offline.generate({"prompt_token_ids": ids[-50:]}, SamplingParams(
+        temperature=0, max_tokens=4, ignore_eos=True))[0].outputs[0]
+    got = client.completions.create(model=NAME, prompt=ids, max_tokens=4, temperature=0, echo=True,
+                                    extra_body={"ignore_eos": True, "truncate_prompt_tokens": 50})
+    assert got.usage.prompt_tokens == 50
+    assert got.choices[0].text == offline.tokenizer.decode(ids[-50:]) + want.text
+
+
+def test_bad_kv_policy_fields_are_400_naming_the_field(server):
+    url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 2}
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [({"kv_policy": "bogus"}, "kv_policy"), ({"kv_policy": "window", "kv_window": 0}, "kv_window"),
+             ({"kv_policy": "sinks", "kv_sinks": 8, "kv_window": 8}, "kv_sinks"),
+             ({"kv_policy": "h2o", "kv_sinks": 1, "kv_window": 2, "kv_budget": 1}, "kv_budget"),
+             ({"kv_policy": "sinks", "n": 2}, "n"), ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+             ({"kv_sinks": "many"}, "kv_sinks")]
+    for route, base in (("/v1/completions", body), ("/v1/chat/completions", chat)):
+        for fields, param in cases:
+            err = _error(httpx.post(url + route, json={**base, **fields}, headers=auth, timeout=TIMEOUT), 400)
+            assert err["param"] == param and "\n" not in err["message"], (route, fields, err)
+    assert httpx.get(url + "/health").status_code == 200
+
+
 def test_tokenize_detokenize_and_metrics(server, offline):
     auth = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}, headers=auth)

@@ -17,8 +17,10 @@ def _cache(dt, slots, nkv, hd):
 
 
 @pytest.mark.parametrize("hd, bs, nh, nkv, dt", [
-    (64, 16, 9, 3, torch.float16),     # SmolLM2's shape: the AVX-512 body hands mass to the generic one
+    (64, 16, 9, 3, torch.float16),     # SmolLM2's shape: the AVX-512 head-64 body accumulates mass itself
     (64, 16, 4, 2, torch.int8),
+    (64, 16, 8, 1, torch.float32),     # a group of 8 query heads (the AVX-512 body's widest)
+    (64, 16, 2, 2, torch.float16),     # no grouping
     (32, 4, 4, 2, torch.float32),
 ])
 def test_kernel_mass_equals_the_reference(hd, bs, nh, nkv, dt):

@@ -9,7 +9,7 @@ from memlm.engine.config import EngineConfig
 from memlm.engine.llm_engine import LLMEngine
 from memlm.engine.request import Request
 from memlm.kv.manager import KVCacheManager
-from memlm.kv.policies import KVPolicySpec, KVPolicyState, compaction_moves, plan_eviction
+from memlm.kv.policies import KVPolicySpec, KVPolicyState, compaction_moves, plan_eviction, plan_relief
 from memlm.models.blocks import Rotary
 from memlm.sampling import SamplingParams, SamplingParamsError
 
@@ -82,6 +82,18 @@ def test_snap_compresses_a_long_prompt_once_by_its_observation_window():
     assert plan_eviction(st, 1, 4, prompt_len=10) is None                # once
     short = state(KVPolicySpec("snap", 2, 1, 5), 12)
     assert plan_eviction(short, 1, 4, prompt_len=4) is None              # prompt fits: no snap
+
+
+def test_relief_evicts_to_the_low_end_of_the_policy_range():
+    sinks = state(KVPolicySpec("sinks", 10, 2, 12), 11)                # 11 entries: 3 blocks of 4
+    assert plan_relief(sinks, 4) == [0, 1, 5, 6, 7, 8, 9, 10]          # 12 - 4: 2 sinks + 6 recent
+    assert plan_relief(state(KVPolicySpec("sinks", 10, 2, 12), 8), 4) is None    # frees no block
+    assert plan_relief(sinks, 4, incoming=6) == [0, 1, 7, 8, 9, 10]    # room for this step's 6
+    assert plan_relief(state(KVPolicySpec(), 40), 4) is None           # full never shrinks
+    snap = state(KVPolicySpec("snap", 2, 1, 5), 10, [1.0, 0, 3.0, 0, 2.0, 0, 0, 0, 0, 0])
+    assert plan_relief(snap, 4) is None                                # before its one compression
+    snap.snapped = True                                                # ... generation appended past 5
+    assert plan_relief(snap, 4) == [0, 2, 4, 8, 9]                     # back to its budget by mass
 
 
 def test_compaction_fills_front_holes_from_the_tail():
@@ -228,6 +240,47 @@ def test_h2o_decode_mass_reaches_the_policy_and_bounds_the_cache(loaded):
     st = req.sequences[0].kv_state
     assert len(req.sequences[0].output_token_ids) == 40 and peak == 4       # 16 entries
     assert st.num_cached <= 16 and 0 in st.positions and float(st.mass.sum()) > 0
+
+
+def test_pool_pressure_shrinks_an_evicting_sequence_before_preempting(loaded):
+    # a full request grows while a snap request generates past its budget of 8: the pool of 14
+    # blocks cannot hold both (18 at peak with room); the snap request is compressed back to
+    # its budget instead of anyone being preempted
+    def run(blocks):
+        eng = _engine(loaded, num_kv_blocks=blocks, admission_headroom=0)
+        reqs = [Request("full", None, list(range(1, 6)), SamplingParams(temperature=0, ignore_eos=True,
+                                                                       max_tokens=40), ef.ByteTokenizer()),
+                Request("snap", None, list(range(1, 21)), SamplingParams(
+                    temperature=0, ignore_eos=True, max_tokens=30, kv_policy="snap", kv_sinks=1,
+                    kv_window=2, kv_budget=8), ef.ByteTokenizer())]
+        for r in reqs:
+            eng.add_request(r)
+        peak = 0
+        while eng.has_unfinished():
+            eng.step()
+            peak = max(peak, eng.kv.num_used_blocks)
+        assert [len(r.sequences[0].output_token_ids) for r in reqs] == [40, 30]
+        return eng.scheduler, peak
+    roomy, peak = run(20)
+    assert (roomy.num_preemptions, roomy.policy.num_relieved, peak) == (0, 0, 18)
+    tight, peak = run(14)
+    assert (tight.num_preemptions, tight.policy.num_relieved, peak) == (0, 1, 14)
+    assert tight.policy.kv.num_free_blocks == 14
+
+
+@pytest.mark.parametrize("kv_dtype", ["int4", "int2"])
+def test_kivi_codecs_refuse_evicting_policies_per_request(loaded, kv_dtype):
+    eng = _engine(loaded, kv_dtype=kv_dtype, block_size=16)
+    bad = Request("bad", None, [1, 2, 3], SamplingParams(kv_policy="sinks", kv_window=16, kv_sinks=2,
+                                                         max_tokens=4), ef.ByteTokenizer())
+    ok = Request("ok", None, [1, 2, 3], SamplingParams(temperature=0, ignore_eos=True, max_tokens=4),
+                 ef.ByteTokenizer())
+    eng.add_request(bad)
+    eng.add_request(ok)
+    while eng.has_unfinished():
+        eng.step()
+    assert "kv_policy=sinks evicts single tokens" in bad.error and "kv_dtype fp16, fp32 or int8" in bad.error
+    assert ok.error is None and len(ok.sequences[0].output_token_ids) == 4
 
 
 def test_cli_flags_become_sampling_params():

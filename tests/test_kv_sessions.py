@@ -19,8 +19,8 @@ def loaded():
 
 def llm(loaded, **kw):
     kw.setdefault("kv_dtype", "fp32")
-    return LLM(loaded, engine="paged", verbose=False, num_kv_blocks=64, max_num_seqs=4,
-               enable_prefix_caching=False, **kw)
+    kw.setdefault("enable_prefix_caching", False)
+    return LLM(loaded, engine="paged", verbose=False, num_kv_blocks=64, max_num_seqs=4, **kw)
 
 
 def conversation(turns: int, replies: list[str]) -> list[dict]:
@@ -68,6 +68,25 @@ def test_session_turns_restore_history_and_match_recompute(loaded):
     assert run_turns(engine, 3, session_id="chat-1") == plain
     m = engine.metrics
     assert m.session_hits == 2 and m.session_tokens_restored > 0 and m.warm_bytes > 0
+
+
+def test_session_blocks_stay_hot_while_the_prefix_cache_holds_them(loaded):
+    """With room in the pool the next turn starts at its hot cached prefix: the saved entry is
+    not even read (no session hit), and the replies equal recomputing; evicted, it is restored."""
+    plain = run_turns(llm(loaded), 3)
+    hot = llm(loaded, warm_fraction=0.3, enable_prefix_caching=True)
+    sessions = hot.engine.offload.sessions
+    assert run_turns(hot, 3, session_id="hot-1") == plain
+    m = hot.metrics
+    assert m.session_hits == 0 and m.prefix_cache_hits > 0 and m.warm_bytes > 0
+    assert sessions.known_tokens("hot-1", list(range(5))) == 0       # saved, and known without a read
+    # a pool too small to keep them: the next turns restore from the warm tier instead
+    small = llm(loaded, warm_fraction=0.3, enable_prefix_caching=True)
+    replies = []
+    run_turns(small, 1, "s-2", replies)
+    small.generate(ef.random_prompts(8, 180, 200, seed=9), SamplingParams(temperature=0, max_tokens=4))
+    assert run_turns(small, 2, "s-2", replies) == plain[1:2]
+    assert small.metrics.session_hits == 1
 
 
 def test_sessions_survive_a_restart_with_identical_outputs(loaded, tmp_path):

@@ -172,7 +172,10 @@ def test_swap_and_recompute_preemption_give_identical_greedy_outputs(kv_dtype, p
     assert recompute.metrics.num_preemptions > 0 and recompute.metrics.num_swaps == 0
     m = swap.metrics
     # most preemptions swap (the rest: warm tier full, or the measured rates said recompute)
-    assert m.num_preemptions > 0 and m.num_swaps > 0 and m.warm_bytes == 0
+    assert m.num_preemptions > 0 and m.num_swaps > 0
+    # every swapped-out entry came back; what is left are evicted cached-prefix blocks
+    assert not [k for k in swap.engine.offload.warm.keys() if not k.startswith("p-")]
+    assert (m.warm_bytes > 0) == (m.prefix_tier_demotions - m.prefix_tier_restored_blocks > 0)
     assert m.compression_ratio > 1.0
     assert got_swap == got_recompute
     assert sum(a == b for a, b in zip(want, got_swap)) >= 0.98 * len(prompts)
@@ -199,3 +202,88 @@ def test_memory_plan_reserves_the_warm_tier_inside_the_budget():
     assert warm.warm_bytes == pytest.approx(0.25 * left, abs=mib)
     assert warm.num_blocks * mib + warm.warm_bytes <= left + mib and warm.num_blocks < cold.num_blocks
     assert "warm KV tier" in warm.describe() and "warm KV tier" not in cold.describe()
+
+
+# ---- evicted prefix-cache blocks in the tiers (kv/prefix_tier.py) ---------------------------
+def _prefix_prompts(prefix_len, tails, seed):
+    prefix = ef.random_prompts(1, prefix_len, prefix_len, seed=seed)[0]["prompt_token_ids"]
+    return [{"prompt_token_ids": prefix + t["prompt_token_ids"]}
+            for t in ef.random_prompts(tails, 3, 12, seed=seed + 1)]
+
+
+def _fixed_cost(llm, prefill_tokens_per_s):
+    cost = llm.engine.cost
+    cost.learn = False          # the test decides what pays, not this machine's load
+    cost.prefill_tokens_per_s = prefill_tokens_per_s
+
+
+def test_evicted_prefix_blocks_wait_in_the_warm_tier_and_a_later_hit_restores_them():
+    loaded = ef.tiny_loaded(ef.llama_config(), seed=3)
+    a, b, c = _prefix_prompts(48, 3, seed=21)          # 48 tokens = 3 full blocks shared
+    one_offs = ef.random_prompts(6, 150, 170, seed=5)    # each fills most of the 12-block pool
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    kw = dict(engine="paged", verbose=False, kv_dtype="fp32", num_kv_blocks=12, max_num_seqs=1)
+    tiers, plain = LLM(loaded, warm_fraction=0.5, **kw), LLM(loaded, **kw)
+    ref = LLM(loaded, **{**kw, "enable_prefix_caching": False})
+    _fixed_cost(tiers, prefill_tokens_per_s=100.0)       # recompute is dear: demote and restore
+    outs = {}
+    for name, llm in (("tiers", tiers), ("plain", plain), ("ref", ref)):
+        llm.generate([a], sp)
+        llm.generate([b], sp)                               # hits the prefix: its blocks are reused
+        for p in one_offs:
+            llm.generate([p], sp)                           # evict it from the hot cache
+        outs[name] = llm.generate([c], sp)[0]
+    m = tiers.metrics
+    assert m.prefix_cache_evictions > 0 and m.prefix_tier_demotions >= 3
+    assert m.prefix_tier_restored_blocks == 3 and outs["tiers"].num_cached_tokens == 48
+    assert outs["plain"].num_cached_tokens == 0             # without a tier it was recomputed
+    assert outs["tiers"].outputs[0].token_ids == outs["ref"].outputs[0].token_ids
+    assert outs["plain"].outputs[0].token_ids == outs["ref"].outputs[0].token_ids
+    assert plain.metrics.prefix_tier_demotions == 0 and m.kv_blocks_used == 0
+    # Evicted again (restored blocks count as reused); the middle block's entry is lost: only
+    # the first block comes back, the rest is computed, and the reply is still the same.
+    from memlm.kv.prefix_tier import key_of
+    for p in one_offs:
+        tiers.generate([p], sp)
+    warm = tiers.engine.offload.warm
+    hashes = tiers.engine.kv.cache.hashes(a["prompt_token_ids"][:48])
+    assert all(key_of(h) in warm for h in hashes)
+    warm.pop(key_of(hashes[1]))
+    d = _prefix_prompts(48, 4, seed=21)[3]
+    got, want = tiers.generate([d], sp)[0], ref.generate([d], sp)[0]
+    assert got.num_cached_tokens == 16 and tiers.metrics.prefix_tier_restored_blocks == 4
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+
+
+def test_prefix_tier_demotes_only_reused_blocks_that_pay_and_checks_what_it_restores():
+    from memlm.kv.prefix_cache import hash_block
+    from memlm.kv.prefix_eviction import CachedBlock
+    from memlm.kv.prefix_tier import PrefixTier, key_of
+    store = KVStore([0, 1], 4, 4, 2, 8, torch.float16, "cpu")
+    for t in store.block_tensors().values():
+        t.copy_(torch.randn(t.shape).to(t.dtype))
+    cost = CostModel(prefill_tokens_per_s=10.0, learn=False)
+    warm = WarmTier(1 << 20)
+    tier = PrefixTier(store, cost, FP, warm=warm)
+    h0, h1 = hash_block(None, [1, 2, 3, 4]), hash_block(hash_block(None, [1, 2, 3, 4]), [5, 6, 7, 8])
+    assert not tier.demote(CachedBlock(0, h0, None, 0, (1, 2, 3, 4), hits=0))      # never reused
+    assert tier.demote(CachedBlock(0, h0, None, 0, (1, 2, 3, 4), hits=2))
+    assert tier.demote(CachedBlock(1, h1, h0, 1, (5, 6, 7, 8), hits=1))
+    assert tier.available([h0, h1], 0) == 2 and tier.available([h0, h1], 1) == 1
+    assert tier.available([h1, h0], 0) == 2 and tier.available([h0, b"x" * 16], 0) == 1
+    want = store.export_blocks([0, 1])
+    assert tier.restore([h0, h1], [1, 2, 3, 4, 5, 6, 7, 8], [2, 3]) == 2
+    got = store.export_blocks([2, 3])
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert warm.keys() == []                              # restored blocks leave the warm tier
+    # a corrupt entry and one holding other tokens are skipped, never imported
+    assert tier.demote(CachedBlock(0, h0, None, 0, (1, 2, 3, 4), hits=1))
+    blob = bytearray(warm.pop(key_of(h0)))
+    blob[len(blob) // 2] ^= 0x10
+    warm.put(key_of(h0), bytes(blob), Priority.CACHED_PREFIX)
+    assert tier.restore([h0], [1, 2, 3, 4], [3]) == 0 and tier.rejected == 1
+    assert tier.demote(CachedBlock(1, h1, h0, 1, (5, 6, 7, 8), hits=1))
+    assert tier.restore([h1], [5, 6, 7, 9], [3]) == 0
+    # recomputing is cheap: nothing demoted
+    cheap = PrefixTier(store, CostModel(prefill_tokens_per_s=1e12, learn=False), FP, warm=WarmTier(1 << 20))
+    assert not cheap.demote(CachedBlock(0, h0, None, 0, (1, 2, 3, 4), hits=5))

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import budget_above_rss
 
 from memlm import LLM, SamplingParams
 from memlm.training.data import tokenizer_fingerprint
@@ -21,7 +22,8 @@ def test_shipped_student_is_self_contained_and_small():
 def test_shipped_student_generates():
     before = torch.get_num_threads()
     try:
-        llm = LLM(str(STUDENT), memory_budget="1GiB", verbose=False, num_threads=1, num_kv_blocks=16)
+        llm = LLM(str(STUDENT), memory_budget=budget_above_rss(), verbose=False, num_threads=1,
+                  num_kv_blocks=16)
         out = llm.generate("ROMEO.\n", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                            use_tqdm=False)[0].outputs[0]
     finally:

@@ -4,7 +4,9 @@ Owns: attaching a request's resolved `KVPolicySpec` (its own fields over the eng
 as each sequence's `KVPolicyState`, how many tokens such a sequence may compute in one step, and
 `shrink`: asking `kv/policies.py` which cache entries to keep before a step writes more, telling
 the `KVCacheManager` to drop the freed tail blocks (back to the pool at once), and listing the
-slot copies that pack the kept entries (`SlotMoves`, done by the runner before the forward).
+slot copies that pack the kept entries (`SlotMoves`, done by the runner before the forward);
+`relieve`: the same when the pool is short, down to the low end of a policy's range, so the
+scheduler preempts nobody while an evicting sequence can still give a block back.
 Does not know: tensors, the model, or which entries a policy prefers (`kv/policies.py`).
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 
 from memlm.engine.request import Request, Sequence
 from memlm.kv.manager import KVCacheManager
-from memlm.kv.policies import KVPolicySpec, KVPolicyState, compaction_moves, plan_eviction
+from memlm.kv.policies import KVPolicySpec, KVPolicyState, compaction_moves, plan_eviction, plan_relief
 
 
 @dataclass
@@ -39,6 +41,7 @@ class PolicyStep:
 
     def __init__(self, kv: KVCacheManager, defaults, rotary: bool = True, per_token_kv: bool = True):
         self.kv, self.defaults, self.rotary, self.per_token_kv = kv, defaults, rotary, per_token_kv
+        self.num_relieved = 0      # times a sequence shrank for the pool instead of a preemption
 
     def attach(self, request: Request) -> KVPolicySpec:
         """Resolve the request's policy and give each sequence its state (none under `full`).
@@ -89,8 +92,29 @@ class PolicyStep:
         if st is None:
             return 0
         kept = plan_eviction(st, incoming, self.kv.block_size, seq.num_prompt_tokens)
-        if kept is None:
-            return 0
+        return 0 if kept is None else self._keep(seq, kept, moves)
+
+    def relieve(self, candidates: list[Sequence], current: Sequence, incoming: int, moves: SlotMoves) -> bool:
+        """The pool is short for `current`'s `incoming` tokens: before anyone is preempted, evict
+        one of `candidates` (newest first; none of them scheduled yet this step) down to the low
+        end of its policy's range (`kv/policies.plan_relief`).
+
+        Returns:
+            True when blocks went back to the pool (the caller tries to allocate again).
+        """
+        for seq in reversed(candidates):
+            st = seq.kv_state
+            if st is None:
+                continue
+            kept = plan_relief(st, self.kv.block_size, incoming if seq is current else 0)
+            if kept is not None and self._keep(seq, kept, moves):
+                self.num_relieved += 1
+                return True
+        return False
+
+    def _keep(self, seq: Sequence, kept: list[int], moves: SlotMoves) -> int:
+        """Pack `seq`'s `kept` entries into the front (slot copies into `moves`), free the tail."""
+        st = seq.kv_state
         table, bs = self.kv.block_table(seq), self.kv.block_size
         for src, dst in compaction_moves(kept, st.num_cached):
             moves.src.append(table[src // bs] * bs + src % bs)

@@ -63,6 +63,8 @@ class EngineMetrics:
     session_hits: int = 0           # turns that resumed from a saved session
     session_tokens_restored: int = 0
     compression_ratio: float = 0.0  # raw / stored bytes of every entry saved so far
+    prefix_tier_demotions: int = 0  # evicted cached-prefix blocks kept in the warm / cold tier
+    prefix_tier_restored_blocks: int = 0   # of those, copied back into the pool by a later hit
     prefix_cache_queries: int = 0   # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0      # of those, found cached (not recomputed)
     prefix_cache_blocks: int = 0    # blocks findable by hash now (in use or evictable)

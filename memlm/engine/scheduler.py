@@ -4,7 +4,8 @@ Owns: the waiting queue and running list (both in arrival order), admission (FCF
 step's token budget allows and the free KV blocks cover the running sequences' growth over
 their next `admission_headroom` tokens plus the newcomer's whole prompt and headroom; alone, a
 newcomer needs only its first chunk; one holding no KV starts at its cached prefix unless it
-asks for prompt logprobs), chunked prefill mixed with decodes, preemption by
+asks for prompt logprobs, extended by the blocks after it that the prefix cache evicted into a
+tier when restoring them pays: `KVOffload.prefix`), chunked prefill mixed with decodes, preemption by
 swap or recompute when blocks run out (newest sequence first, so the oldest always progresses:
 no starvation; the `KVOffload` swaps it out to a KV tier when that is predicted cheaper than
 recomputing, and restores it — or a chat session's saved history — at admission), n > 1 forks
@@ -36,6 +37,8 @@ class Scheduler:
         self.kv = kv
         self.policy = policy or PolicyStep(kv, defaults.EngineConfig())   # evicting KV policies
         self.offload = offload        # swap out / restore through the KV tiers (None: recompute only)
+        if offload is not None and kv.cache is not None:
+            offload.attach_prefix_cache(kv.cache)     # evicted cached blocks may wait in a tier
         self.num_swaps = 0
         self.max_preemptions_per_seq = 0
         self.can_share = can_share_blocks and config.share_prompt_blocks
@@ -99,7 +102,7 @@ class Scheduler:
             seq = self.running[i]
             n = self.policy.chunk(seq, min(seq.num_uncomputed_tokens, budget))
             self.policy.shrink(seq, n, moves)        # an evicting policy keeps its budget first
-            if self._reserve(seq, n, preempted):
+            if self._reserve(seq, n, preempted, moves):
                 scheduled.append(self._slice(seq, n))
                 budget -= n
                 i += 1
@@ -118,17 +121,26 @@ class Scheduler:
             if restored:
                 hit = NO_HIT
             cached = hit.num_blocks * self.kv.block_size
-            n = self.policy.chunk(seq, min(seq.num_uncomputed_tokens - cached, budget))
+            # Blocks right after the hot hit that the prefix cache evicted into a tier.
+            tiered = 0 if restored else self._tiered_blocks(seq, hit)
+            extra = tiered * self.kv.block_size
+            n = self.policy.chunk(seq, min(seq.num_uncomputed_tokens - cached - extra, budget))
             # Beside others, the whole rest of the prompt (and its headroom) must fit, not just
             # this chunk: a long prompt admitted on its first chunk is the newest sequence, so it
             # would preempt itself on a later chunk and redo that chunk over and over.
-            need = self._growth(seq, hit) if self.running else self.kv.num_blocks_needed(seq, n, hit)
-            if self.kv.num_free_blocks - need < headroom or not self.kv.allocate_slots(seq, n, hit):
+            need = self._growth(seq, hit) if self.running else self.kv.num_blocks_needed(seq, n + extra, hit)
+            if self.kv.num_free_blocks - need < headroom or not self.kv.allocate_slots(seq, n + extra, hit):
                 seq.num_computed_tokens -= restored
                 break
+            if tiered:      # a block missing or rejected there is computed instead (the table has room)
+                cached += self.kv.block_size * self.offload.prefix.restore(
+                    self.kv.prefix_hashes(seq, hit.num_blocks + tiered)[hit.num_blocks:],
+                    seq.token_ids_slice(cached, cached + extra),
+                    self.kv.block_table(seq)[hit.num_blocks:hit.num_blocks + tiered])
             seq.num_computed_tokens += cached
             if seq.index == 0 and seq.request.num_cached_tokens is None:
-                seq.request.num_cached_tokens = cached     # what its first admission found cached
+                # what its first admission found cached (hot, or restored from the prefix tier)
+                seq.request.num_cached_tokens = cached
             if restored and not self.offload.restore(seq, self.kv.block_table(seq)):
                 seq.num_computed_tokens = 0     # the entry was lost: compute it (the table covers it)
             self.waiting.popleft()
@@ -162,13 +174,16 @@ class Scheduler:
         a newly admitted prompt does not force a preemption (a full recompute) a few steps later."""
         return sum(self._growth(s) for s in self.running) if self.config.admission_headroom else 0
 
-    def _reserve(self, seq: Sequence, n: int, preempted: list[int]) -> bool:
-        """Blocks for `n` more tokens of a running sequence, preempting the newest if needed.
+    def _reserve(self, seq: Sequence, n: int, preempted: list[int], moves: SlotMoves) -> bool:
+        """Blocks for `n` more tokens of a running sequence, preempting the newest if needed
+        (after an evicting sequence not yet scheduled this step can give blocks back instead).
 
         Returns False when `seq` itself had to go (preempted, or finished "length" when it is
         alone and the whole pool is still too small for it).
         """
         while not self.kv.allocate_slots(seq, n):
+            if self.policy.relieve(self.running[self.running.index(seq):], seq, n, moves):
+                continue
             victim = self.running[-1]
             if victim is seq and len(self.running) == 1:
                 seq.completion.finish("length")      # the pool is this sequence's context limit
@@ -195,12 +210,22 @@ class Scheduler:
         if self.offload is None or seq.num_computed_tokens or self.kv.block_table(seq) \
                 or seq.kv_state is not None:        # an evicting cache is recomputed, not restored
             return 0
-        tokens = self.offload.restorable_tokens(seq)
+        tokens = self.offload.restorable_tokens(seq, hit.num_blocks * self.kv.block_size)
         if tokens and hit.num_blocks >= tokens // self.kv.block_size:
             self.offload.discard(seq)       # the hot pool still holds it: no copy needed
             tokens = 0
         seq.num_computed_tokens = tokens
         return tokens
+
+    def _tiered_blocks(self, seq: Sequence, hit: PrefixHit) -> int:
+        """Blocks after the hot prefix `hit` that a tier holds (evicted from the prefix cache)
+        and restoring pays for; never the block of the last token (its logits are needed)."""
+        if self.offload is None or self.offload.prefix is None or not hit.num_queried_tokens:
+            return 0
+        limit = (seq.num_tokens - 1) // self.kv.block_size
+        if limit <= hit.num_blocks:
+            return 0
+        return self.offload.prefix.available(self.kv.prefix_hashes(seq, limit), hit.num_blocks)
 
     def _slice(self, seq: Sequence, n: int) -> ScheduledSeq:
         start = seq.num_computed_tokens

@@ -1,7 +1,7 @@
 """What this CPU can do: the one reader of its feature flags, and the bf16-matmul decision.
 
 Owns: `cpu_flags()` (the `flags` line of /proc/cpuinfo, read once per process) and
-`bf16_matmul_is_fast(device)`, which model loading asks before choosing bf16 weights, and
+`has_vnni()`, `bf16_matmul_is_fast(device)`, which model loading asks before choosing bf16 weights, and
 `row_bucket`, the row counts every bf16 matmul is padded to (oneDNN keeps state per shape).
 `native.py` keys its build cache on the same flags (a `-march=native` build is only valid on
 the CPU it was built for).
@@ -23,6 +23,13 @@ def cpu_flags() -> frozenset[str]:
             return frozenset(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration, IndexError):
         return frozenset()
+
+
+def has_vnni() -> bool:
+    """AVX-512 VNNI with the byte / word instructions (vpdpbusd on zmm): the int8-activation
+    block kernels' fast path (`memlm.kernels.gemv.int8_activations`)."""
+    flags = cpu_flags()
+    return "avx512_vnni" in flags and "avx512bw" in flags
 
 
 def bf16_matmul_is_fast(device: torch.device) -> bool:

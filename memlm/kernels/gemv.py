@@ -4,7 +4,9 @@ Owns: `BlockWeight` (N rows of K/32 blocks, the bytes of a GGUF tensor), their s
 torch dequantization (the reference the native kernel is tested against, the fallback when
 `MEMLM_NATIVE=0`, and the row lookup of an embedding), quantizing fp32 into a block codec
 (through `gguf.quants`, bit-exact with llama.cpp's), and `block_matmul`, which runs
-`csrc/gemv_q.c` (reads the blocks directly; fp32 accumulation) or, without the native library,
+`csrc/gemv_q.c` (reads the blocks directly; fp32 activations and accumulation), or on CPUs with
+AVX-512 VNNI `csrc/decode_q.c` (activations quantized to 8 bits per block of 32 once per call,
+integer dot products; `int8_activations()` decides), or, without the native library,
 dequantizes and multiplies in fp32.
 
     Q8_0  {fp16 d; int8 q[32]}            34 B / 32 weights   w = d q
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from memlm.kernels import native
-from memlm.kernels.cpu import row_bucket
+from memlm.kernels.cpu import has_vnni, row_bucket
 
 QK = 32
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
@@ -40,17 +42,36 @@ _LIBRARY = native.Library("gemv_q", "gemv_q.c", {
     "stream_sum": [_P, ctypes.c_int64, _P],
     "dequant_q_bf16": [_I, _P, _P, _I, _I],
 })
+# int8-activation kernels and the fused block-weight decoder steps (`memlm.kernels.block_layer`)
+DECODE_LIBRARY = native.Library("decode_q", "decode_q.c", {
+    "qmatmul": [_I, _P, _P, _P, _I, _I, _I],
+    "block_attn_in": [_P, _P, ctypes.c_float, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
+    "block_attn_out_mlp": [_P, _P, _P, ctypes.c_float, _I, _P, _I, _P, _I, _P, _I, _I, _I, _I],
+})
 # From this many rows of x on, W is dequantized to bf16 tile by tile and multiplied by the bf16
 # GEMM (each weight reused over all rows, bf16 rounding like the bf16 method's batched path)
 # instead of decoding blocks once per 8 rows: measured on SmolLM2's shapes (AMD EPYC Zen 5,
 # 2 threads) the tiles lose at 16 rows, win at 32 and are 4.6x faster at 256.
 TILE_MIN_ROWS = 32
+INT8_MAX_ROWS = 8               # decode batches: 8-bit activations (prefill chunks keep fp32 ones)
 TILE_ELEMENTS = 1 << 22          # weights per dequantized tile: 8 MiB of bf16 workspace at most
 
 
 def available() -> bool:
     """True when the native kernel is built and loadable (built on first call)."""
     return _LIBRARY.lib is not None
+
+
+def int8_activations() -> bool:
+    """Whether block matmuls below TILE_MIN_ROWS quantize x to 8 bits (decode_q.c) instead of
+    the fp32 kernel: where the CPU has AVX-512 VNNI (measured 1.6-2x faster per call on Zen 5,
+    `benchmarks/weight_kernels.py`), or as `MEMLM_INT8_ACTIVATIONS` says (1: on, with the
+    plain C integer path on other CPUs; 0: off). Read per call: tests switch it."""
+    import os
+
+    env = os.environ.get("MEMLM_INT8_ACTIVATIONS", "")
+    on = has_vnni() if env == "" else env != "0"
+    return on and DECODE_LIBRARY.lib is not None
 
 
 @dataclass
@@ -123,9 +144,11 @@ def dequantize(weight: BlockWeight) -> torch.Tensor:
     return dequantize_rows(weight.blocks, weight.codec, weight.in_features)
 
 
-def block_matmul(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
+def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> torch.Tensor:
     """x (M, K) float -> (M, N) fp32 = x @ W.T: the native block kernel (rows 8 at a time) below
-    TILE_MIN_ROWS rows, bf16 tiles of W through the bf16 GEMM from there on where it is fast."""
+    TILE_MIN_ROWS rows, with 8-bit activations up to INT8_MAX_ROWS rows where `int8_activations()`
+    unless `exact` (the LM head: greedy picks stay those of fp32 activations), bf16 tiles of W through the bf16 GEMM
+    from TILE_MIN_ROWS rows on where it is fast."""
     x = x.float()
     kp = weight.padded_in
     if x.shape[1] != kp:
@@ -137,6 +160,10 @@ def block_matmul(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
     if m >= TILE_MIN_ROWS and _bf16_gemm_is_fast():
         return _tiled_bf16_matmul(x, weight)
     y = torch.empty(m, weight.out_features, dtype=torch.float32)
+    if m <= INT8_MAX_ROWS and not exact and int8_activations():
+        DECODE_LIBRARY.lib.qmatmul(GGML_TYPE_IDS[weight.codec], weight.blocks.data_ptr(), x.data_ptr(),
+                                   y.data_ptr(), m, weight.out_features, kp)
+        return y
     _LIBRARY.lib.gemv_q(GGML_TYPE_IDS[weight.codec], weight.blocks.data_ptr(), x.data_ptr(), y.data_ptr(),
                         m, weight.out_features, kp)
     return y

@@ -48,6 +48,7 @@ class CostModel:
     save_bytes_per_s: float = SAVE_BYTES_PER_S
     warm_restore_bytes_per_s: float = WARM_RESTORE_BYTES_PER_S
     cold_restore_bytes_per_s: float = COLD_RESTORE_BYTES_PER_S
+    learn: bool = True            # False: keep the rates as set (a known machine; tests)
 
     def __post_init__(self):
         self._measured: set[str] = set()
@@ -84,7 +85,7 @@ class CostModel:
                     raw_bytes, seconds)
 
     def _learn(self, name: str, amount: int, seconds: float) -> None:
-        if amount <= 0 or seconds < MIN_SECONDS:
+        if not self.learn or amount <= 0 or seconds < MIN_SECONDS:
             return
         rate = amount / seconds
         if name in self._measured:

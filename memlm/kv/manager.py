@@ -230,6 +230,11 @@ class KVCacheManager:
                               tokens[(i - settled) * bs:(i - settled + 1) * bs])
         self._settled[seq.seq_id] = full
 
+    def prefix_hashes(self, seq: KVSequence, num_blocks: int) -> list[bytes]:
+        """Hashes of `seq`'s first `num_blocks` full blocks ([] without a prefix cache): the
+        names under which a tier keeps evicted cached blocks."""
+        return self._hashes_of(seq, num_blocks) if self.cache is not None else []
+
     def _hashes_of(self, seq: KVSequence, num_blocks: int) -> list[bytes]:
         """Hashes of `seq`'s first `num_blocks` full blocks (remembered: tokens only grow)."""
         known = self._hashes.get(seq.seq_id, [])

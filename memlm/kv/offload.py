@@ -5,7 +5,8 @@ teach it — `swap_out` (a preempted sequence's blocks to warm, else cold, when 
 restoring them is predicted cheaper than recomputing; otherwise the scheduler recomputes),
 `restorable_tokens` + `restore` (at admission: a swapped-out sequence's blocks, or the saved
 history of its chat session, copied into the blocks just allocated for it, so it starts with
-`num_computed_tokens` already covered), `keep_session` (after a session's turn) and `discard`.
+`num_computed_tokens` already covered), `keep_session` (after a session's turn) and `discard`;
+and it hands the prefix cache's evicted blocks to `PrefixTier` (`attach_prefix_cache`).
 Swapped-out entries belong to this process only: leftovers in the cold directory from a killed
 process are deleted at start.
 Does not know: who is preempted or admitted (`engine/scheduler.py`), block bookkeeping
@@ -22,6 +23,7 @@ import time
 
 from memlm.kv.cost import CostModel, Priority, Tier
 from memlm.kv.entry import EntryError, KVEntry, decode, fingerprint
+from memlm.kv.prefix_tier import PrefixTier
 from memlm.kv.sessions import SessionStore
 from memlm.kv.store import KVStore
 from memlm.kv.tiers import ColdTier, WarmTier
@@ -57,6 +59,8 @@ class KVOffload:
         self.warm, self.cold = warm, cold
         self.block_bytes = sum(t[:, :, :store.block_size].nbytes for t in store.block_tensors().values())
         self.sessions = SessionStore(fingerprint, self.block_size, warm, cold) \
+            if warm is not None or cold is not None else None
+        self.prefix = PrefixTier(store, cost, fingerprint, warm, cold) \
             if warm is not None or cold is not None else None
         self._prefix = f"{SWAP_PREFIX}{next(_engine_ids)}-"
         self._swapped: dict[int, tuple[str, int, Tier]] = {}    # seq_id -> (key, tokens, tier)
@@ -96,14 +100,22 @@ class KVOffload:
         return False
 
     # ---- admission -----------------------------------------------------------------------
-    def restorable_tokens(self, seq) -> int:
-        """Tokens of `seq` whose KV a tier holds and restoring pays for (0: compute them)."""
+    def restorable_tokens(self, seq, hot_tokens: int = 0) -> int:
+        """Tokens of `seq` whose KV a tier holds and restoring pays for (0: compute them).
+
+        Args:
+            hot_tokens: what the hot prefix cache already holds of it; a session saved by this
+                process that holds no more is not read at all (it stays hot while there is room).
+        """
         if seq.seq_id in self._swapped:
             return self._swapped[seq.seq_id][1]
         if seq.seq_id in self._resume:
             return self._resume[seq.seq_id][1]
         sid = seq.request.session_id
         if sid is None or self.sessions is None or seq.index != 0:
+            return 0
+        known = self.sessions.known_tokens(sid, seq.prompt_token_ids)
+        if known is not None and known <= hot_tokens:
             return 0
         found = self.sessions.lookup(sid, seq.prompt_token_ids)
         if found is None:
@@ -142,6 +154,12 @@ class KVOffload:
         self.cost.observe_restore(tier, nb * self.block_bytes, time.perf_counter() - t0)
         return True
 
+    # ---- evicted prefix-cache blocks (prefix_tier.py) --------------------------------------
+    def attach_prefix_cache(self, cache) -> None:
+        """Keep the blocks `cache` (a `PrefixCache`) evicts in the tiers when that pays."""
+        if self.prefix is not None:
+            cache.on_evict = self.prefix.demote
+
     # ---- sessions and cleanup ------------------------------------------------------------
     def keep_session(self, seq, block_ids: list[int]) -> None:
         """After a turn of a session's first completion: save its full blocks for the next turn."""
@@ -152,7 +170,7 @@ class KVOffload:
         nb = seq.num_computed_tokens // self.block_size
         if nb:
             tokens = seq.token_ids_slice(0, nb * self.block_size)
-            self.sessions.save(sid, self._encode(tokens, block_ids[:nb]))
+            self.sessions.save(sid, self._encode(tokens, block_ids[:nb]), tokens)
 
     def discard(self, seq) -> None:
         """Drop whatever is kept for `seq` (it finished or was aborted while swapped out)."""
@@ -172,6 +190,8 @@ class KVOffload:
                     warm_capacity=self.warm.capacity if self.warm is not None else 0,
                     cold_bytes=self.cold.nbytes if self.cold is not None else 0,
                     session_hits=st["session_hits"], session_tokens_restored=st["session_tokens_restored"],
+                    prefix_tier_demotions=self.prefix.demoted if self.prefix is not None else 0,
+                    prefix_tier_restored_blocks=self.prefix.restored if self.prefix is not None else 0,
                     compression_ratio=st["raw_bytes_saved"] / st["blob_bytes_saved"]
                     if st["blob_bytes_saved"] else 0.0)
 

@@ -4,6 +4,7 @@ Owns: `KVPolicySpec` (a request's policy and its sizes, validated: one clear err
 parameter), `KVPolicyState` (what a policy reads of one sequence: the text position of each
 cache entry and, for `h2o` / `snap`, its accumulated attention mass), `plan_eviction` (given
 that state and the tokens about to arrive, the cache entries to keep, or None) and
+`plan_relief` (the same under pool pressure: down to the low end of the policy's range) and
 `compaction_moves` (how to pack the kept entries into the front of the cache so the tail
 blocks can go back to the pool).
 Does not know: blocks or slots (`manager.py` drops the freed tail blocks; the scheduler turns
@@ -20,7 +21,8 @@ Policies (B = the cache budget in tokens; a cache never holds more than B entrie
              (SnapKV); generation then appends without eviction
 
 Entries are evicted `stride` (a block) at a time, so a step rarely evicts: the recent window
-holds between W - stride + 1 and W tokens. Kept entries are packed without keeping text order
+holds between W - stride + 1 and W tokens. When the pool is short, `plan_relief` evicts a
+sequence down to the low end of that range (snap: back to its budget) before anyone is preempted. Kept entries are packed without keeping text order
 (attention over a set of keys does not depend on their order; each key carries its own RoPE
 rotation), so evicting k entries moves at most k entries:
 
@@ -146,6 +148,9 @@ class KVPolicyState:
         del self.positions[len(kept):]
         if self.mass is not None and moves:
             with torch.inference_mode():      # the runner made `mass` under inference mode
+                top = max(src for src, _ in moves) + 1
+                if self.mass.numel() < top:           # entries written since the last scoring
+                    self.mass = torch.cat([self.mass, self.mass.new_zeros(top - self.mass.numel())])
                 src, dst = (torch.tensor(x, dtype=torch.long) for x in zip(*moves))
                 self.mass[dst] = self.mass[src]
                 self.mass[len(kept):] = 0.0
@@ -175,6 +180,28 @@ def plan_eviction(state: KVPolicyState, incoming: int, stride: int, prompt_len: 
     keep = max(spec.sinks + 1, spec.budget - incoming - (stride - 1))
     keep = min(keep, L)
     if spec.policy == "h2o":
+        return _heavy_hitters(state, keep)
+    return _sinks_and_recent(state, keep)
+
+
+def plan_relief(state: KVPolicyState, stride: int, incoming: int = 0) -> list[int] | None:
+    """Under pool pressure: the entries to keep at the low end of the policy's own range, or
+    None when that would not free a block (`stride` = the block size).
+
+    window / sinks / h2o evict a block at a time: right after an eviction they hold budget -
+    stride entries, then grow to the budget; relief evicts down to budget - stride now, so the
+    tail block goes back to the pool before the scheduler preempts anyone. snap, whose generation appends past
+    its budget after the one-shot compression, is compressed again to its budget by its mass.
+    `incoming` tokens this step writes after the kept entries also stay within the budget.
+    """
+    spec, L = state.spec, state.num_cached
+    if spec.policy == "full" or (spec.policy == "snap" and not state.snapped):
+        return None
+    keep = spec.budget if spec.policy == "snap" else spec.budget - stride
+    keep = max(spec.sinks + 1, min(keep, spec.budget - incoming), 1)
+    if -(-L // stride) <= -(-keep // stride):
+        return None
+    if spec.policy in ("h2o", "snap"):
         return _heavy_hitters(state, keep)
     return _sinks_and_recent(state, keep)
 

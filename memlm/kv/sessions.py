@@ -5,7 +5,9 @@ the session directory), `SessionStore` — after a turn, the session's tokens an
 as one entry, in the warm tier (RAM) and, through the cold tier's background writer, as a file
 in the session directory that survives a restart (the directory listing is the index) — and
 matching a new turn's prompt against what was saved: the longest common prefix in whole
-blocks, always leaving the prompt's last token to compute (its logits start the reply).
+blocks, always leaving the prompt's last token to compute (its logits start the reply); and
+the token ids each session saved in this process (`known_tokens`), so a caller whose hot prefix
+cache already covers them need not read the entry.
 An entry whose checksum, length or fingerprint (model config, weight dtype, KV codec, block
 size, layout) does not match is removed and recomputed, never served.
 Does not know: the pool's blocks or when a turn ends (`offload.py`, asked by the scheduler),
@@ -57,16 +59,26 @@ class SessionStore:
         self.fp, self.block_size = fingerprint, block_size
         self.warm, self.cold = warm, cold
         self.saved = self.hits = self.rejected = 0
+        self._tokens: dict[str, list[int]] = {}    # tokens saved by this process, by session id
 
-    def save(self, session_id: str, blob: bytes) -> bool:
-        """Keep an encoded `KVEntry` as the session's KV (replacing the previous turn's); True if
-        any tier took it (warm at once, cold when its writer gets to it)."""
+    def save(self, session_id: str, blob: bytes, tokens: list[int] | None = None) -> bool:
+        """Keep an encoded `KVEntry` (holding `tokens`) as the session's KV, replacing the
+        previous turn's; True if any tier took it (warm at once, cold when its writer gets to it)."""
         key = KEY_PREFIX + validate_session_id(session_id)
+        if tokens is not None:
+            self._tokens[session_id] = list(tokens)
         kept = self.warm is not None and self.warm.put(key, blob, Priority.IDLE_SESSION)
         if self.cold is not None:
             kept = self.cold.put(key, blob) or kept
         self.saved += kept
         return kept
+
+    def known_tokens(self, session_id: str, prompt: list[int]) -> int | None:
+        """Tokens of `prompt` the session's last save in this process holds, without reading the
+        entry (None: saved by another process, or never): lets a caller whose hot prefix cache
+        already covers them skip decoding it."""
+        saved = self._tokens.get(validate_session_id(session_id))
+        return None if saved is None else resumable_tokens(saved, prompt, self.block_size)
 
     def lookup(self, session_id: str, prompt: list[int]) -> tuple[KVEntry, int, Tier] | None:
         """(entry, tokens of `prompt` it holds, tier it came from), or None when nothing usable is
@@ -88,6 +100,7 @@ class SessionStore:
 
     def forget(self, session_id: str) -> None:
         key = KEY_PREFIX + validate_session_id(session_id)
+        self._tokens.pop(session_id, None)
         if self.warm is not None:
             self.warm.pop(key)
         if self.cold is not None:

@@ -53,6 +53,10 @@ class WarmTier:
     def __len__(self) -> int:
         return len(self._blobs)
 
+    def keys(self) -> list[str]:
+        """Keys held, least recently used first."""
+        return list(self._blobs)
+
     def put(self, key: str, blob: bytes, priority: Priority) -> bool:
         """Store `blob` under `key` (replacing it), evicting lower-priority entries — and, for
         idle sessions and cached prefixes, older ones of the same priority — to make room.

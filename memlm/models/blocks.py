@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memlm.config import ModelConfig
-from memlm.kernels import fused_ops
+from memlm.kernels import block_layer, fused_ops
 from memlm.models.linear import Linear, LinearMethod, default_method
 from memlm.models.recurrent import RecurrentMixer
 
@@ -183,6 +183,8 @@ class DecoderLayer(nn.Module):
     Two paths, chosen once by `process_weights` (`self.fused`): the plain forward above, or
     `_forward_fused` — the same math for an RMSNorm / attention / SwiGLU layer whose linear
     method fuses layers (bf16): norms, RoPE and SwiGLU in single bf16 passes (`fused_ops`).
+    A fused layer whose projections all hold GGUF blocks also has `block_step`: steps of at most
+    `block_layer.MAX_ROWS` rows then run `_forward_blocks`, two native calls around attention.
     """
 
     def __init__(self, cfg: ModelConfig, mixer: str, depths: tuple[int, ...] = (0,),
@@ -203,6 +205,7 @@ class DecoderLayer(nn.Module):
             self.mlp_norm = norm()
             self.mlp = MLP(cfg, method, init)
         self.fused = False                       # forward takes `_forward_fused`
+        self.block_step = False                  # ... and `_forward_blocks` for small batches
         if cfg.depth_gates:
             self.attn_gate = nn.Parameter(torch.ones(len(depths)))   # (slots,)
             if self.has_mlp:
@@ -233,8 +236,26 @@ class DecoderLayer(nn.Module):
         if self.fused:
             self.attn.o_proj.set_out_dtype(method.inner_dtype)
             self.mlp.down_proj.set_out_dtype(method.inner_dtype)   # added into the fp32 stream in one pass
+            self._pick_block_step()
+
+    def _pick_block_step(self) -> None:
+        """Small batches on GGUF blocks go through two native calls per layer (`_forward_blocks`)
+        when every projection holds blocks of whole 32-wide groups and only q|k|v has a bias."""
+        attn, mlp = self.attn, self.mlp
+        projs = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        held = [getattr(p, "block_weight", None) for p in projs]
+        self.block_step = (all(h is not None for h in held) and block_layer.weights_fit(*held)
+                           and all(p.bias is None for p in projs[1:]))
+        if self.block_step:     # read once per step: module attribute lookups cost ~1 us each
+            bias = attn.qkv_proj.bias
+            norms = [(n.weight.detach().float().contiguous(), n.eps) for n in (self.attn_norm, self.mlp_norm)]
+            self._block_args = (attn.n_heads, attn.n_kv, attn.hd, attn.use_rope, *norms[0], held[0],
+                                None if bias is None else bias.detach().float().contiguous(), *norms[1],
+                                *held[1:])
 
     def forward(self, x, depth: int, kv, rope):
+        if self.block_step and x.device.type == "cpu" and block_layer.usable(x.shape[0]):
+            return self._forward_blocks(x, depth, kv, rope)
         if self.fused:
             return self._forward_fused(x, depth, kv, rope)
         if self.per_depth:
@@ -270,3 +291,19 @@ class DecoderLayer(nn.Module):
         a = attn.o_proj(out.reshape(N, nh * hd))                                         # bf16
         x, h = fused_ops.add_rms_norm_bf16(x, a, self.mlp_norm.weight, self.mlp_norm.eps)
         return x.add_(mlp.down_proj(fused_ops.silu_mul_bf16(mlp.gate_up_proj(h))))     # fp32 += bf16
+
+    def _forward_blocks(self, x, depth: int, kv, rope):
+        """`_forward_fused` for a few rows on block weights: norm, q|k|v and RoPE in one native call,
+        attention, then o_proj, residual, norm, gate|up, SwiGLU, down and residual in another
+        (`memlm.kernels.block_layer`; 8-bit activations, fp32 residual stream)."""
+        (nh, nkv, hd, use_rope, an_w, an_eps, qkv_w, qkv_b, mn_w, mn_eps, o_w, gu_w, d_w) = self._block_args
+        N = x.shape[0]
+        x = x.float().clone(memory_format=torch.contiguous_format)   # updated in place below
+        cos = sin = None
+        if use_rope:
+            cos, sin = (t.reshape(N, hd).contiguous() for t in rope)
+        qkv = block_layer.attn_in(x, an_w, an_eps, qkv_w, qkv_b, cos, sin, nh + nkv, hd)
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        out = kv.attend(depth, q.view(N, nh, hd), k.view(N, nkv, hd), v.view(N, nkv, hd))
+        a = out.reshape(N, nh * hd).to(torch.bfloat16).contiguous()
+        return block_layer.attn_out_mlp_(x, a, mn_w, mn_eps, o_w, gu_w, d_w)

@@ -219,23 +219,35 @@ class WindowSampler:
     stored in a checkpoint is the step counter. With `aligned=True` windows start at multiples
     of T (the fixed windows a teacher cache was computed on), so window index w covers tokens
     [w*T, w*T + T] and the teacher targets for it can be looked up.
+
+    `shard=(rank, world)` (data-parallel runs): `batch_size` stays the global batch, drawn as one
+    process draws it, and this rank reads only rows rank, rank+world, ... of it, so the ranks'
+    rows of a step are disjoint and together are the single-process batch.
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
-                 aligned: bool = False, num_windows: int | None = None):
+                 aligned: bool = False, num_windows: int | None = None, shard: tuple[int, int] = (0, 1)):
         if len(tokens) < seq_len + 1:
             raise MemlmError(f"only {len(tokens)} training tokens: need at least seq_len+1 = {seq_len + 1}")
+        rank, world = shard
+        if world < 1 or not 0 <= rank < world or batch_size % world:
+            raise MemlmError(f"a global batch of {batch_size} cannot be split over {world} ranks "
+                             f"(rank {rank}): use a --batch-size divisible by the number of ranks")
+        self.shard = (rank, world)
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
         self.aligned = aligned
         max_windows = (len(tokens) - 1) // seq_len
         self.num_windows = min(num_windows or max_windows, max_windows)
 
     def starts(self, step: int) -> np.ndarray:
-        """(B,) start offsets (aligned: window indices) of batch `step`."""
+        """(B / world,) start offsets (aligned: window indices) of this rank's rows of batch `step`."""
         rng = np.random.default_rng([self.seed, step])
         if self.aligned:
-            return rng.integers(0, self.num_windows, size=self.batch_size)
-        return rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+            starts = rng.integers(0, self.num_windows, size=self.batch_size)
+        else:
+            starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+        rank, world = self.shard
+        return starts[rank::world]
 
     def batch(self, step: int) -> dict:
         """Returns {"input": (B, T) int64, "target": (B, T) int64, "windows": (B,) or None}."""

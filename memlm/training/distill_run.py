@@ -32,24 +32,48 @@ def student_config(run: DistillRun, teacher_cfg, tokenizer):
     return cfg, None, f"student {spec}"
 
 
-def run_distill(run: DistillRun) -> int:
-    """Distill `run.teacher` into the student `run` describes; prints the plan, then trains."""
+def build_cache(dist, **kwargs):
+    """The teacher cache; in a data-parallel run each rank runs the teacher on its share of the
+    chunks (rank 0 begins and finishes the cache, barriers between)."""
+    from memlm.training.teacher_cache import TeacherCache
+    if dist is None:
+        return TeacherCache.build(**kwargs, progress=True)
+    shard = (dist.rank, dist.world_size)
+    if dist.is_main:
+        TeacherCache.build(**kwargs, shard=shard, stage="begin")
+    dist.barrier()
+    done = TeacherCache.build(**kwargs, shard=shard, stage="chunks", progress=dist.is_main)
+    dist.barrier()
+    if dist.is_main and done is None:
+        TeacherCache.build(**kwargs, shard=shard, stage="finish")
+    dist.barrier()
+    return TeacherCache.open(kwargs["directory"], kwargs["tokens"], kwargs["seq_len"], kwargs["fingerprint"])
+
+
+def run_distill(run: DistillRun, dist=None) -> int:
+    """Distill `run.teacher` into the student `run` describes; prints the plan, then trains.
+
+    dist: a `memlm.distributed.ddp.DataParallel` under torchrun: the teacher runs on every rank
+    for that rank's rows (live) or chunks (cache); rank 0 prints and writes.
+    """
     import torch
 
     from memlm.models import Transformer
-    from memlm.training.data import WindowSampler, prepare_tokens, tokenizer_fingerprint
+    from memlm.training.data import WindowSampler, tokenizer_fingerprint
     from memlm.training.distill import DistillObjective, check_tokenizers
     from memlm.training.students import count_parameters, init_weights
-    from memlm.training.teacher_cache import CachedTeacherBatches, LiveTeacherBatches, TeacherCache
+    from memlm.training.teacher_cache import CachedTeacherBatches, LiveTeacherBatches
+    from memlm.training.train_run import shared_tokens
     from memlm.training.trainer import Trainer
 
+    say = print if dist is None or dist.is_main else (lambda *a, **k: None)
     teacher = load(run.teacher)
     tmodel, tok = teacher.model.float().eval(), teacher.tokenizer
     cfg, student, how = student_config(run, tmodel.cfg, tok)
-    print(how)
-    print(f"student: {count_parameters(cfg) / 1e6:.2f}M params, depth {cfg.depth}, hidden {cfg.hidden_size}, "
-          f"mixers {''.join(m[0].upper() for m in cfg.mixers)}, layer order {list(cfg.layer_order)}, "
-          f"teacher {run.teacher} ({tmodel.num_parameters() / 1e6:.1f}M params)")
+    say(how)
+    say(f"student: {count_parameters(cfg) / 1e6:.2f}M params, depth {cfg.depth}, hidden {cfg.hidden_size}, "
+        f"mixers {''.join(m[0].upper() for m in cfg.mixers)}, layer order {list(cfg.layer_order)}, "
+        f"teacher {run.teacher} ({tmodel.num_parameters() / 1e6:.1f}M params)")
     if run.plan:
         return 0
     check_tokenizers(tok, None, tmodel.cfg.vocab_size, cfg.vocab_size)
@@ -58,9 +82,12 @@ def run_distill(run: DistillRun) -> int:
         student = Transformer(cfg)
         init_weights(student)
     dcfg, seq_len = run.objective, run.loop.seq_len
-    splits = prepare_tokens(run.corpus, tok, run.data_dir, run.val_fraction)
+    splits = shared_tokens(run, tok, dist)
+    shard = (dist.rank, dist.world_size) if dist else (0, 1)
     sampler = WindowSampler(splits.train, run.loop.batch_size, seq_len, seed=run.loop.seed, aligned=True,
-                            num_windows=run.teacher_windows)
+                            num_windows=run.teacher_windows, shard=shard)
+    if dist is not None:
+        tmodel.to(dist.device)
     if run.no_cache:
         batches = LiveTeacherBatches(sampler, tmodel, hidden=dcfg.gamma > 0)
     else:
@@ -69,14 +96,15 @@ def run_distill(run: DistillRun) -> int:
         cache_dir = run.cache_dir or (splits.directory / f"teacher-{slug}-T{seq_len}-k{run.top_k}"
                                       f"-w{sampler.num_windows}-t{'_'.join(f'{t:g}' for t in temps)}"
                                       f"{'-h' if dcfg.gamma > 0 else ''}")
-        print(f"teacher cache {cache_dir}: {sampler.num_windows} windows x {seq_len} tokens, top-{run.top_k}")
-        cache = TeacherCache.build(tmodel, splits.train, cache_dir, seq_len=seq_len, k=run.top_k,
-                                   num_windows=sampler.num_windows, store_hidden=dcfg.gamma > 0,
-                                   teacher_name=str(run.teacher), fingerprint=tokenizer_fingerprint(tok),
-                                   temperatures=temps, progress=True)
+        say(f"teacher cache {cache_dir}: {sampler.num_windows} windows x {seq_len} tokens, top-{run.top_k}")
+        cache = build_cache(dist, teacher=tmodel, tokens=splits.train, directory=cache_dir, seq_len=seq_len,
+                            k=run.top_k, num_windows=sampler.num_windows, store_hidden=dcfg.gamma > 0,
+                            teacher_name=str(run.teacher), fingerprint=tokenizer_fingerprint(tok),
+                            temperatures=temps)
         batches = CachedTeacherBatches(sampler, cache, dcfg.temperature)
     objective = DistillObjective(dcfg, cfg.hidden_size, tmodel.cfg.hidden_size)
-    trainer = Trainer(student, run.loop, batches, splits.val, objective, run.out, tok)
+    trainer = Trainer(student, run.loop, batches, splits.val, objective, run.out, tok, dist=dist,
+                      log_path=run.log_file)
     if run.resume:
         trainer.resume(run.out)
     trainer.train()

@@ -48,6 +48,7 @@ class LoopRun:
     out: str | None = None                # checkpoint directory (a model dir the loader reads)
     resume: bool = False                  # continue from the checkpoint in `out`
     export_hf: str | None = None          # also write a transformers-readable copy here
+    log_file: str | None = None           # append one JSON line per optimizer step (loss, lr, ...)
 
     def __post_init__(self):
         if not 0.0 <= self.val_fraction < 1.0:
@@ -152,8 +153,11 @@ def load(name: str):
 
 
 def finish(trainer, run: LoopRun, tokenizer, label: str) -> None:
-    """Print a finished run's summary, and export the HF copy `run.export_hf` asks for."""
+    """Print a finished run's summary, and export the HF copy `run.export_hf` asks for (on the
+    main rank only in a data-parallel run)."""
     from memlm.training import checkpoint
+    if not trainer.is_main:
+        return
     r = trainer.result
     val = r.final_val_loss
     print(f"{label}: {r.steps} steps, {r.tokens} tokens, {r.wall_s:.0f} s; "

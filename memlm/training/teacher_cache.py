@@ -35,6 +35,13 @@ def tokens_digest(tokens: np.ndarray, n: int) -> str:
     return hashlib.sha1(np.ascontiguousarray(tokens[:n]).tobytes()).hexdigest()[:16]
 
 
+def module_device(module) -> torch.device:
+    """Where a module's weights live (parameters or, for packed weights, buffers)."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 class TeacherCache:
     def __init__(self, directory: Path, meta: dict):
         self.directory, self.meta = Path(directory), meta
@@ -52,8 +59,15 @@ class TeacherCache:
     def build(cls, teacher, tokens: np.ndarray, directory: str | Path, *, seq_len: int, k: int = TOP_K,
               num_windows: int | None = None, chunk_windows: int = 16, batch_size: int = 4,
               store_hidden: bool = False, teacher_name: str = "teacher", fingerprint: str = "",
-              temperatures: tuple[float, ...] = (1.0, 2.0), progress: bool = False) -> "TeacherCache":
+              temperatures: tuple[float, ...] = (1.0, 2.0), progress: bool = False,
+              shard: tuple[int, int] = (0, 1), stage: str = "all") -> "TeacherCache | None":
         """Run `teacher` (a `Transformer`) over windows and write the cache; resumes a partial one.
+
+        Data-parallel runs split the teacher pass by chunk over ranks, in three stages:
+        "begin" (rank 0: write meta.json, or find the cache complete), "chunks" (each rank the
+        chunks c with c % world == rank), "finish" (rank 0: check every chunk, mark complete),
+        with a barrier between stages. "all" (the default) does the three in one process.
+        Returns the cache when it is complete, else None.
 
         Args:
             tokens: (n,) token ids (e.g. `TokenSplits.train`).
@@ -74,8 +88,19 @@ class TeacherCache:
                 "hidden_size": teacher.cfg.hidden_size if store_hidden else 0,
                 "temperatures": sorted(float(t) for t in set(temperatures)),
                 "tokens_sha1": tokens_digest(tokens, num_windows * seq_len + 1)}
-        directory.mkdir(parents=True, exist_ok=True)
+        if stage not in ("all", "begin", "chunks", "finish"):
+            raise ValueError(f"unknown cache build stage {stage!r}")
         meta_path = directory / "meta.json"
+        n_chunks = -(-num_windows // chunk_windows)
+        if stage == "finish":
+            missing = [c for c in range(n_chunks) if not (directory / f"chunk_{c:05d}.zst").exists()]
+            if missing:
+                raise MemlmError(f"teacher cache {directory} misses chunks {missing[:5]}: a rank failed; rerun")
+            meta["complete"] = True
+            meta_path.write_text(json.dumps(meta, indent=1))
+            return cls(directory, meta)
+        if stage in ("all", "begin"):
+            directory.mkdir(parents=True, exist_ok=True)
         if meta_path.exists():
             old = json.loads(meta_path.read_text())
             if {**old, "complete": None} != {**meta, "complete": None}:
@@ -83,14 +108,20 @@ class TeacherCache:
                                  "use another --cache-dir or delete it")
             if old.get("complete"):
                 return cls(directory, old)
-        meta_path.write_text(json.dumps({**meta, "complete": False}, indent=1))
+        elif stage == "chunks":
+            raise MemlmError(f"teacher cache {directory} has no meta.json: rank 0 must begin the cache first")
+        if stage in ("all", "begin"):
+            meta_path.write_text(json.dumps({**meta, "complete": False}, indent=1))
+        if stage == "begin":
+            return None
+        rank, world = shard
         cctx = zstandard.ZstdCompressor(level=3)
-        n_chunks = -(-num_windows // chunk_windows)
-        it = range(n_chunks)
+        it = range(rank, n_chunks, world)
         if progress:
             from tqdm import tqdm
             it = tqdm(it, desc="teacher", unit="chunk")
         teacher.eval()
+        device = module_device(teacher)
         for c in it:
             path = directory / f"chunk_{c:05d}.zst"
             if path.exists():
@@ -100,7 +131,7 @@ class TeacherCache:
             for b0 in range(w0, w1, batch_size):
                 b1 = min(w1, b0 + batch_size)
                 x = torch.from_numpy(np.stack([np.asarray(tokens[w * seq_len:(w + 1) * seq_len], dtype=np.int64)
-                                               for w in range(b0, b1)]))   # (b, T)
+                                               for w in range(b0, b1)])).to(device)   # (b, T)
                 with torch.inference_mode():
                     h = teacher.forward_dense(x)                                     # (b, T, Ht)
                     logits = teacher.compute_logits(h.reshape(-1, h.shape[-1]))      # (b*T, V)
@@ -108,15 +139,18 @@ class TeacherCache:
                     lse = torch.stack([torch.logsumexp(logits / t, dim=-1) for t in meta["temperatures"]],
                                       dim=-1)                                        # (b*T, n_temps)
                 shape = (b1 - b0, seq_len, meta["k"])
+                ids, vals, lse, h = ids.cpu(), vals.cpu(), lse.cpu(), h.cpu()
                 ids_parts.append(ids.numpy().astype(meta["id_dtype"]).reshape(shape))
                 val_parts.append(vals.numpy().astype(np.float16).reshape(shape))
                 lse_parts.append(lse.numpy().astype(np.float32).reshape(shape[0], seq_len, -1))
                 if store_hidden:
                     hid_parts.append(h.numpy().astype(np.float16))
             blob = b"".join(np.concatenate(p).tobytes() for p in (ids_parts, val_parts, lse_parts, hid_parts) if p)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".{rank}.tmp")
             tmp.write_bytes(cctx.compress(blob))
             tmp.replace(path)
+        if stage == "chunks":
+            return None
         meta["complete"] = True
         meta_path.write_text(json.dumps(meta, indent=1))
         return cls(directory, meta)
@@ -203,8 +237,9 @@ class LiveTeacherBatches:
 
     def batch(self, i: int) -> dict:
         b = self.sampler.batch(i)
+        device = module_device(self.teacher)
         with torch.inference_mode():
-            h = self.teacher.forward_dense(b["input"])                        # (B, T, Ht)
+            h = self.teacher.forward_dense(b["input"].to(device))             # (B, T, Ht)
             logits = self.teacher.compute_logits(h.reshape(-1, h.shape[-1]))   # (B*T, V)
         return {**b, "teacher_ids": None, "teacher_logits": logits.clone(),
                 "teacher_hidden": h.clone() if self.hidden else None}

@@ -29,12 +29,29 @@ def make_tokenizer(spec: str, corpus: str):
     return load(spec).tokenizer
 
 
-def run_train(run: TrainRun) -> int:
-    """Train a new student (or `run.model`) on `run.corpus`; checkpoints go to `run.out`."""
+def shared_tokens(run, tok, dist):
+    """The run's token files; in a data-parallel run rank 0 writes them first, and every rank
+    must have the same tokenizer and files (checked)."""
+    from memlm.training.data import prepare_tokens, tokenizer_fingerprint
+    if dist is None:
+        return prepare_tokens(run.corpus, tok, run.data_dir, run.val_fraction)
+    dist.check_same("tokenizer", tokenizer_fingerprint(tok))
+    with dist.main_first():
+        splits = prepare_tokens(run.corpus, tok, run.data_dir, run.val_fraction)
+    dist.check_same("token files", str(splits.directory.name))
+    return splits
+
+
+def run_train(run: TrainRun, dist=None) -> int:
+    """Train a new student (or `run.model`) on `run.corpus`; checkpoints go to `run.out`.
+
+    dist: a `memlm.distributed.ddp.DataParallel` when started under torchrun: each rank reads its
+    rows of every global batch (`run.loop.batch_size`), rank 0 prints and writes.
+    """
     import torch
 
     from memlm.models import Transformer
-    from memlm.training.data import WindowSampler, prepare_tokens
+    from memlm.training.data import WindowSampler
     from memlm.training.students import init_weights, parse_student
     from memlm.training.trainer import Trainer
     torch.manual_seed(run.loop.seed)
@@ -47,13 +64,17 @@ def run_train(run: TrainRun) -> int:
                             bos_token_id=getattr(tok, "bos_token_id", None))
         model = Transformer(cfg)
         init_weights(model)
-    splits = prepare_tokens(run.corpus, tok, run.data_dir, run.val_fraction)
-    sampler = WindowSampler(splits.train, run.loop.batch_size, run.loop.seq_len, seed=run.loop.seed)
-    trainer = Trainer(model, run.loop, sampler, splits.val, out_dir=run.out, tokenizer=tok)
+    splits = shared_tokens(run, tok, dist)
+    shard = (dist.rank, dist.world_size) if dist else (0, 1)
+    sampler = WindowSampler(splits.train, run.loop.batch_size, run.loop.seq_len, seed=run.loop.seed, shard=shard)
+    trainer = Trainer(model, run.loop, sampler, splits.val, out_dir=run.out, tokenizer=tok, dist=dist,
+                      log_path=run.log_file)
     if run.resume:
         trainer.resume(run.out)
-    print(f"training {model.num_parameters() / 1e6:.2f}M params on {len(splits.train)} tokens "
-          f"({run.corpus}), validating on {len(splits.val)}")
+    if trainer.is_main:
+        ranks = f", {dist.world_size} ranks x {run.loop.batch_size // dist.world_size} rows" if dist else ""
+        print(f"training {model.num_parameters() / 1e6:.2f}M params on {len(splits.train)} tokens "
+              f"({run.corpus}), validating on {len(splits.val)}; global batch {run.loop.batch_size}{ranks}")
     trainer.train()
     finish(trainer, run, tok, "train")
     return 0

@@ -7,9 +7,15 @@ whose i-th batch depends only on i), or file formats (`checkpoint.py`).
 
 One optimizer step `s` consumes micro-batches s*accum .. s*accum+accum-1, so the data position
 is the step counter and a resumed run draws exactly the batches the straight run would have.
+
+Data-parallel runs pass `dist` (a `memlm.distributed.ddp.DataParallel`, duck-typed here: this
+module does not import the distributed package): the loss runs through its DDP wrapper, the
+reported loss and validation are means over ranks, and only the main rank logs and writes.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import shutil
 import sys
@@ -123,6 +129,12 @@ def param_groups(modules, weight_decay: float, shared_lr_scale: bool = False,
             for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], -kv[0][1]))]
 
 
+def _to_device(batch: dict, device: torch.device) -> dict:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate_loss(model, windows: torch.Tensor, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy over (n, T+1) windows."""
@@ -144,10 +156,22 @@ class Trainer:
 
     def __init__(self, model, cfg: TrainConfig, batches, val_tokens: np.ndarray | None = None,
                  objective: DistillObjective | None = None, out_dir: str | Path | None = None,
-                 tokenizer=None):
+                 tokenizer=None, dist=None, log_path: str | Path | None = None):
+        """dist: a `DataParallel` (the batches must then be this rank's shard of each global
+        batch); log_path: append one JSON line per step (step, loss, lr, grad_norm) to this file."""
         self.model, self.cfg, self.batches, self.tokenizer = model, cfg, batches, tokenizer
         self.objective = objective or DistillObjective(DistillConfig(alpha=0.0, beta=1.0))
         self.out_dir = Path(out_dir) if out_dir else None
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
+        self.log_path = Path(log_path) if log_path and self.is_main else None
+        self.device = dist.device if dist is not None else torch.device("cpu")
+        if dist is not None:
+            self.model.to(self.device)
+            self.objective.to(self.device)
+            self.loss_fn = dist.wrap(self.model, self.objective)     # its backward all-reduces
+        else:
+            self.loss_fn = lambda batch: self.objective(self.model, batch)
         self.val = eval_windows(val_tokens, cfg.seq_len, cfg.eval_tokens) if val_tokens is not None else None
         self.schedule = cfg.make_schedule()
         self.optimizer = torch.optim.AdamW(param_groups([model, self.objective], cfg.weight_decay,
@@ -160,7 +184,13 @@ class Trainer:
     def evaluate(self) -> float:
         if self.val is None:
             raise MemlmError("no validation tokens to evaluate on")
-        return evaluate_loss(self.model, self.val, self.cfg.batch_size)
+        if self.dist is None:
+            return evaluate_loss(self.model, self.val, self.cfg.batch_size)
+        mine = self.val[self.dist.rank::self.dist.world_size]          # each rank scores its share
+        n = mine[:, 1:].numel()
+        part = evaluate_loss(self.model, mine.to(self.device), self.cfg.batch_size) * n if len(mine) else 0.0
+        total, count = self.dist.all_sum([part, float(n)])
+        return total / count
 
     def train_step(self) -> dict:
         """One optimizer step over `accum` micro-batches; returns its metrics."""
@@ -171,12 +201,18 @@ class Trainer:
         self.model.train()
         total, parts = 0.0, {}
         for i in range(cfg.accum):
-            batch = self.batches.batch(self.step * cfg.accum + i)
-            loss, metrics = self.objective(self.model, batch)
-            (loss / cfg.accum).backward()
+            batch = _to_device(self.batches.batch(self.step * cfg.accum + i), self.device)
+            # DDP all-reduces on the last micro-batch's backward only
+            sync = self.dist is None or i == cfg.accum - 1
+            with (contextlib.nullcontext() if sync else self.loss_fn.no_sync()):
+                loss, metrics = self.loss_fn(batch)
+                (loss / cfg.accum).backward()
             total += float(loss.detach()) / cfg.accum
             for k, v in metrics.items():
                 parts[k] = parts.get(k, 0.0) + v / cfg.accum
+        if self.dist is not None:                 # report the global batch's loss, as one process would
+            total, *rest = self.dist.all_mean([total, *parts.values()])
+            parts = dict(zip(parts, rest))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip)) if cfg.clip > 0 else math.nan
         self.optimizer.step()
@@ -184,14 +220,18 @@ class Trainer:
         self.step += 1
         if not math.isfinite(total):
             raise MemlmError(f"training diverged at step {self.step} (loss {total}): lower --lr")
-        return {"loss": total, "lr": lr, "grad_norm": grad_norm, **parts}
+        out = {"loss": total, "lr": lr, "grad_norm": grad_norm, **parts}
+        if self.log_path is not None:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"step": self.step, **out, "time": time.time()}) + "\n")
+        return out
 
     def train(self, steps: int | None = None) -> TrainResult:
         """Run until step `steps` (default cfg.steps), evaluating and checkpointing on schedule;
         the checkpoint (when an out dir is set) is also written at `steps`."""
         cfg, end = self.cfg, steps if steps is not None else self.cfg.steps
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.accum
-        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        show = (cfg.progress if cfg.progress is not None else sys.stderr.isatty()) and self.is_main
         from tqdm import tqdm
         bar = tqdm(total=end, initial=self.step, disable=not show, unit="step", dynamic_ncols=True)
         t0, start_step = time.perf_counter(), self.step
@@ -215,7 +255,10 @@ class Trainer:
                     bar.write(f"step {self.step}: train {m['loss']:.4f} val {val:.4f} "
                               f"(ppl {math.exp(min(val, 50)):.2f}) lr {m['lr']:.2e}")
             if self.out_dir and ((cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or last):
-                self.save(self.out_dir)
+                if self.is_main:
+                    self.save(self.out_dir)
+                if self.dist is not None:          # no rank runs ahead of the checkpoint it may resume from
+                    self.dist.barrier()
         bar.close()
         self.result.steps = self.step
         self.result.wall_s += time.perf_counter() - t0
@@ -236,12 +279,18 @@ class Trainer:
         return directory
 
     def resume(self, directory: str | Path) -> None:
-        """Load weights, optimizer, schedule, RNG and data position from a checkpoint dir."""
+        """Load weights, optimizer, schedule, RNG and data position from a checkpoint dir.
+
+        A run killed between removing the old checkpoint and renaming the new one into place
+        left the new one, complete, as `<dir>.tmp`: it is used then."""
         directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        if not directory.exists() and (tmp / "train_state" / "state.json").exists():
+            directory = tmp
         saved = checkpoint.load_model_dir(directory)
         if saved.cfg != self.model.cfg:
             raise MemlmError(f"checkpoint {directory} holds a different architecture than this run")
-        self.model.load_state_dict(saved.state_dict())
+        self.model.load_state_dict(saved.state_dict())      # copies into the (possibly CUDA) params
         meta = checkpoint.load_train_state(directory, optimizer=self.optimizer, objective=self.objective,
                                            schedule=self.schedule)
         self.step = meta["step"]

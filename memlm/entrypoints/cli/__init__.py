@@ -1,5 +1,5 @@
 """The `memlm` command line: one module per command group — `generate.py` (generate, chat),
-`info.py`, `bench.py`, `serve.py`, `train.py` (train, distill, eval) — with shared flags in `args.py`.
+`info.py`, `bench.py`, `serve.py`, `train.py` (train, distill, eval), `federated.py` — with shared flags in `args.py`.
 
 Owns: building the parser from the groups' `add_commands(subparsers)`, and turning user errors
 into one line on stderr with a non-zero exit code. Does not know: what any command does.
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_training = None
     if add_training is not None:
         add_training(sub)
+    from memlm.entrypoints.cli.federated import add_commands as add_federated   # Flower loads only when run
+    add_federated(sub)
     return parser
 
 

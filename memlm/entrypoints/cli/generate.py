@@ -1,6 +1,8 @@
 """`memlm generate` (one prompt streamed, or a prompts file in batch to JSONL) and `memlm chat`.
 
-Owns: these commands' flags, reading a prompts file, and printing replies as they stream.
+Owns: these commands' flags, reading a prompts file, writing its JSONL (rows from
+`memlm.entrypoints.batch`, here or, with --ray, from `memlm.distributed.ray_data` actors), and
+printing replies as they stream.
 Does not know: how generation works (it calls `memlm.LLM`, built by `cli/args.py`).
 Handlers take the parsed `args` and return an exit code; user errors raise `MemlmError`.
 """
@@ -69,36 +71,57 @@ def _read_prompts_file(path: str, defaults) -> tuple[list, list]:
     return prompts, params
 
 
-def cmd_generate_file(args) -> int:
-    """Offline batch: every prompt of --prompts-file through the engine, JSONL out."""
+def _write_rows(rows, path: str | None) -> None:
     import json
-    prompts, params = _read_prompts_file(args.prompts_file, args_mod.sampling_params(args))
-    llm = args_mod.make_llm(args, num_seqs=sum(p.n for p in params))
-    chat = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
-    outputs = llm.chat(chat, params) if args.chat else llm.generate(
-        [p if isinstance(p, str) else llm.tokenizer.apply_chat_template(p) for p in prompts], params)
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    out = open(path, "w", encoding="utf-8") if path else sys.stdout
     try:
-        for prompt, o in zip(prompts, outputs):
-            first = o.outputs[0]
-            row = {"prompt": prompt, "text": first.text, "token_ids": first.token_ids,
-                   "finish_reason": first.finish_reason}
-            if len(o.outputs) > 1:
-                row["outputs"] = [{"text": c.text, "token_ids": c.token_ids,
-                                   "finish_reason": c.finish_reason} for c in o.outputs]
-            if o.error:
-                row["error"] = o.error
+        for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()
+
+
+def cmd_generate_file(args) -> int:
+    """Offline batch: every prompt of --prompts-file through the engine, JSONL out."""
+    from memlm.entrypoints.batch import output_row, run_prompts
+    prompts, params = _read_prompts_file(args.prompts_file, args_mod.sampling_params(args))
+    if args.ray:
+        return _cmd_generate_file_ray(args, prompts, params)
+    llm = args_mod.make_llm(args, num_seqs=sum(p.n for p in params))
+    outputs = run_prompts(llm, prompts, params, args.chat)
+    _write_rows((output_row(p, o) for p, o in zip(prompts, outputs)), args.output)
     if llm.metrics is not None:
         from memlm.engine.llm_engine import format_metrics
         print(f"memlm: {len(outputs)} requests; {format_metrics(llm.metrics)}", file=sys.stderr)
     return 0
 
 
+def _cmd_generate_file_ray(args, prompts: list, params: list) -> int:
+    """--ray: the same rows from --actors Ray Data actors, each inside --memory-budget."""
+    import time
+
+    from memlm.distributed import ray_data
+    ray_data.require_ray_data()
+    engine = {"model": args.model, **args_mod.engine_kwargs(args)}
+    for key in ("memory_budget", "device"):
+        if getattr(args, key) is not None:
+            engine[key] = getattr(args, key)
+    start = time.perf_counter()
+    rows = ray_data.generate_rows(prompts, params, engine, chat=args.chat, actors=args.actors,
+                                  batch_size=args.batch_size, actor_cpus=args.actor_cpus,
+                                  address=args.ray_address)
+    _write_rows(rows, args.output)
+    tokens = sum(len(r["token_ids"]) for r in rows)
+    print(f"memlm: {len(rows)} requests on {args.actors} Ray Data actors; {tokens} tokens in "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
 def cmd_generate(args) -> int:
+    if not args.prompts_file and (args.ray or args.actors is not None):
+        raise MemlmError("--ray and --actors need --prompts-file "
+                         "(memlm generate --prompts-file F --ray --actors N)")
     if args.prompts_file is not None:
         if args.prompt is not None:
             raise MemlmError("give either PROMPT or --prompts-file, not both")
@@ -155,6 +178,16 @@ def add_commands(subparsers) -> None:
     g.add_argument("--prompts-file", default=None,
                    help="batch mode: one prompt per line, or JSONL with \"prompt\" and optional sampling fields")
     g.add_argument("--output", "-o", default=None, help="batch mode: write JSONL here (default stdout)")
+    g.add_argument("--ray", action="store_true",
+                   help="batch mode on Ray Data actors (pip install 'memlm[distributed]')")
+    g.add_argument("--actors", type=int, default=None,
+                   help="with --ray: actors, each loading the model inside --memory-budget (default 1)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="with --ray: prompts per actor call (default: the prompts split evenly, at most 64)")
+    g.add_argument("--actor-cpus", type=float, default=1.0,
+                   help="with --ray: CPUs Ray reserves per actor (default %(default)s)")
+    g.add_argument("--ray-address", default=None,
+                   help="with --ray: join this Ray cluster (default: start a local one)")
     args_mod.add_model_args(g)
     args_mod.add_sampling_args(g)
     g.set_defaults(func=cmd_generate)

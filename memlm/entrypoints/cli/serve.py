@@ -5,7 +5,8 @@ Owns: the serve flags (plus the shared model / engine flags of `args.py`), the A
 `/health` answers 503 until it is ready), and shutdown: SIGTERM or Ctrl-C stops accepting,
 answers 503 to new requests on open connections, lets in-flight requests finish for up to
 --drain-timeout seconds, then exits 0 (a second Ctrl-C forces it). A model that fails to load
-ends the server with one `error:` line and exit code 1.
+ends the server with one `error:` line and exit code 1. `--ray --replicas N` serves the same
+app from N Ray Serve replicas instead (`memlm.distributed.ray_serve`), each inside --memory-budget.
 Does not know: routes or request handling (`memlm/entrypoints/openai/`).
 """
 from __future__ import annotations
@@ -58,7 +59,21 @@ def _server_class():
     return DrainingServer
 
 
+def _cmd_serve_ray(args, api_key: str | None, name: str) -> int:
+    from memlm.distributed import ray_serve
+    ray_serve.require_ray()
+    llm_kwargs = {"model": args.model, **args_mod.engine_kwargs(args)}
+    llm_kwargs.setdefault("num_threads", 1)
+    for key in ("memory_budget", "device"):
+        if getattr(args, key) is not None:
+            llm_kwargs[key] = getattr(args, key)
+    spec = ray_serve.ReplicaSpec(llm_kwargs, name, api_key, args.max_waiting, llm_kwargs["num_threads"])
+    return ray_serve.serve_forever(args, spec)
+
+
 def cmd_serve(args) -> int:
+    if not args.ray and (args.replicas is not None or args.ray_address is not None):
+        raise MemlmError("--replicas and --ray-address need --ray (memlm serve --ray --replicas N)")
     try:
         import uvicorn
 
@@ -69,6 +84,9 @@ def cmd_serve(args) -> int:
         raise MemlmError(f"--max-waiting must be >= 1 (every request waits a moment), got {args.max_waiting}")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     name = args.served_model_name or args.model
+    if args.ray:
+        args.replicas = 1 if args.replicas is None else args.replicas
+        return _cmd_serve_ray(args, api_key, name)
     failed: list[str] = []
 
     def load():
@@ -109,5 +127,13 @@ def add_commands(subparsers) -> None:
                    help="requests waiting for the engine before new ones get 429 (default %(default)s)")
     s.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S,
                    help="seconds in-flight requests may finish after SIGTERM / Ctrl-C (default %(default)s)")
+    s.add_argument("--ray", action="store_true",
+                   help="serve from Ray Serve replicas behind one ingress (pip install 'memlm[distributed]')")
+    s.add_argument("--replicas", type=int, default=None,
+                   help="with --ray: replicas, each with its own --memory-budget (default 1)")
+    s.add_argument("--ray-address", default=None,
+                   help="with --ray: join this Ray cluster (e.g. 10.0.0.1:6379; default: start a local one)")
+    s.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="with --ray: CPUs Ray reserves per replica (default %(default)s)")
     args_mod.add_model_args(s)
     s.set_defaults(func=cmd_serve)

@@ -7,15 +7,22 @@ Does not know: what a run does (`memlm.training.train_run`, `memlm.training.dist
 `memlm.entrypoints.evaluate` for eval); no
 `argparse.Namespace` goes below this module.
 Handlers take the parsed `args` and return an exit code; user errors raise `MemlmError`.
+
+Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) `train` and `distill` join the job's process
+group (`memlm.distributed.ddp`, imported only then) and train data-parallel:
+`torchrun --nproc-per-node 2 -m memlm train ...` takes the same flags, --batch-size is the
+global batch, and each rank reads batch/world rows of it.
 """
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
 
 from memlm import dtypes, runtime
 from memlm.engine.config import KV_DTYPES
 from memlm.entrypoints.cli.args import add_kv_policy_args, kv_policy_fields
+from memlm.errors import MemlmError
 from memlm.training.distill_run import run_distill
 from memlm.training.runs import DistillRun, EvalRun, LoopRun, OnlineRun, TrainRun
 from memlm.training.schedules import SCHEDULE_NAMES
@@ -37,7 +44,8 @@ def _add_train_args(p: argparse.ArgumentParser, run: type[LoopRun]) -> None:
     g.add_argument("--data-dir", default=run.data_dir, help="token/teacher cache root (default ~/.cache/memlm/data)")
     g.add_argument("--val-fraction", type=float, default=run.val_fraction, help="share of documents held out")
     g.add_argument("--steps", type=int, default=loop.steps)
-    g.add_argument("--batch-size", type=int, default=loop.batch_size)
+    g.add_argument("--batch-size", type=int, default=loop.batch_size,
+                   help="the global batch: under torchrun each of N ranks reads batch/N rows of it")
     g.add_argument("--seq-len", type=int, default=loop.seq_len)
     g.add_argument("--accum", type=int, default=loop.accum, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=loop.lr)
@@ -56,7 +64,10 @@ def _add_train_args(p: argparse.ArgumentParser, run: type[LoopRun]) -> None:
     g.add_argument("--out", default=run.out, help="checkpoint directory (a model dir `memlm generate --model` reads)")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     g.add_argument("--export-hf", default=run.export_hf, help="also write a transformers-readable copy here")
-    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    g.add_argument("--log-file", default=run.log_file, help="append one JSON line per step (loss, lr, grad norm)")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; per rank under torchrun)")
+    g.add_argument("--ddp-backend", default="auto", choices=("auto", "gloo", "nccl"),
+                   help="process-group backend under torchrun (auto: nccl with CUDA, else gloo)")
 
 
 def add_commands(subparsers) -> None:
@@ -139,7 +150,7 @@ def _loop_fields(args, run: type[LoopRun]) -> dict:
     `run`'s defaults)."""
     return {"corpus": args.corpus, "data_dir": args.data_dir, "val_fraction": args.val_fraction,
             "loop": replace(run.loop, **{name: getattr(args, name) for name in _LOOP_FLAGS}),
-            "out": args.out, "resume": args.resume, "export_hf": args.export_hf}
+            "out": args.out, "resume": args.resume, "export_hf": args.export_hf, "log_file": args.log_file}
 
 
 def train_run(args) -> TrainRun:
@@ -176,20 +187,36 @@ def eval_run(args) -> EvalRun:
                    kv_policy=kv_policy_fields(args))
 
 
-def _start(work, run, threads: int | None) -> int:
-    """Apply the process-wide settings of a training command, then do the work."""
+def _start(work, run, threads: int | None, ddp_backend: str | None = None) -> int:
+    """Apply the process-wide settings of a training command, then do the work (data-parallel
+    when torchrun started this process and `ddp_backend` is given)."""
     runtime.set_num_threads(threads)
-    return work(run)
+    env = None
+    if ddp_backend is not None and "WORLD_SIZE" in os.environ:     # started by torchrun
+        from memlm.distributed.ddp import env_from
+        env = env_from()
+    if env is None:
+        return work(run)
+    from memlm.distributed.ddp import DataParallel, describe
+    dist = DataParallel.setup(env, ddp_backend)
+    try:
+        if dist.is_main:
+            print(describe(dist))
+        return work(run, dist=dist)
+    finally:
+        dist.close()
 
 
 def cmd_train(args) -> int:
     if args.online:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise MemlmError("memlm train --online runs in one process: start it without torchrun")
         return _start(run_online, online_run(args), args.threads)
-    return _start(run_train, train_run(args), args.threads)
+    return _start(run_train, train_run(args), args.threads, args.ddp_backend)
 
 
 def cmd_distill(args) -> int:
-    return _start(run_distill, distill_run(args), args.threads)
+    return _start(run_distill, distill_run(args), args.threads, args.ddp_backend)
 
 
 def cmd_eval(args) -> int:

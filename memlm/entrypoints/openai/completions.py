@@ -90,6 +90,9 @@ async def create_completion(serving: OpenAIServing, body: CompletionRequest, raw
         max_tokens=1 if body.max_tokens == 0 else body.max_tokens, logprobs=body.logprobs,
         prompt_logprobs=body.logprobs if body.echo else None, structured_output=body.structured_output())
     requests = [serving.make_request(p, params, body.max_tokens is not None, "prompt") for p in prompts]
+    # truncate_prompt_tokens: echo and usage report the prompt the engine runs (its last N tokens)
+    prompts = [p if len(r.prompt_token_ids) == len(p.token_ids) else Prompt(None, list(r.prompt_token_ids))
+               for p, r in zip(prompts, requests)]
     choices = _Choices(serving, body, prompts)
     submission = serving.submit(requests)
     rid = new_id("cmpl")

@@ -20,7 +20,8 @@ from memlm.structured import StructuredOutput
 # SamplingParams fields a request may set under the same name.
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                     "presence_penalty", "frequency_penalty", "seed", "stop", "stop_token_ids",
-                    "ignore_eos", "include_stop_str_in_output")
+                    "ignore_eos", "include_stop_str_in_output", "truncate_prompt_tokens",
+                    "kv_policy", "kv_window", "kv_sinks", "kv_budget")
 
 
 class StreamOptions(BaseModel):
@@ -49,6 +50,13 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     response_format: dict[str, Any] | None = None
+    # vLLM's extra: keep only the prompt's last N tokens. memlm's extras (issue 14): the KV
+    # policy of this request (`memlm.kv.policies`; None: the server's --kv-policy defaults).
+    truncate_prompt_tokens: int | None = None
+    kv_policy: str | None = None
+    kv_window: int | None = None
+    kv_sinks: int | None = None
+    kv_budget: int | None = None
 
     @property
     def include_usage(self) -> bool:

@@ -2,7 +2,8 @@
 their deltas, disconnect handling, and the pieces of a response body.
 
 Owns: the served model's name and context limits (a prompt that cannot fit is a 400 naming the
-limit, before it reaches the engine), back-pressure (requests admitted but not yet producing
+limit, before it reaches the engine; under a request's `window` / `sinks` KV policy any length
+fits, and the policy's sizes are checked up front), back-pressure (requests admitted but not yet producing
 tokens count as waiting; past `max_waiting` the answer is 429 with Retry-After), `Submission`
 (the tasks that feed one HTTP request's engine requests into one queue and abort them all when
 it is closed), `EventStream` (an SSE response that closes its submission the moment the client
@@ -26,9 +27,11 @@ from memlm.entrypoints.openai.errors import APIError, bad_request, error_body
 from memlm.entrypoints.openai.metrics import RequestTimer, ServerMetrics
 from memlm.entrypoints.processing import Prompt, RequestDelta
 from memlm.errors import RequestError
+from memlm.kv.policies import KVPolicySpec
 from memlm.sampling import SamplingParams
 
 RETRY_AFTER_S = 1          # what a 429 tells the client to wait
+_KV_FIELDS = ("kv_sinks", "kv_window", "kv_budget", "kv_policy")   # the first one named is the param
 
 
 class OpenAIServing:
@@ -45,6 +48,7 @@ class OpenAIServing:
         plan = getattr(llm.engine, "plan", None)
         # The scheduler refuses a prompt whose blocks can never fit the pool: say so up front.
         self.kv_tokens = plan.kv_tokens if plan is not None else None
+        self.engine_config = getattr(llm.engine, "config", None)   # the --kv-policy defaults
         self.created = int(time.time())
         self.num_waiting = 0       # admitted, no output yet (queued or in prefill)
         self._token_strs: dict[int, str] = {}
@@ -57,17 +61,28 @@ class OpenAIServing:
 
     def make_request(self, prompt: Prompt, params: SamplingParams, max_tokens_given: bool,
                      param: str) -> Request:
-        """A Request for one validated prompt, or a 400 when it cannot fit the context."""
+        """A Request for one validated prompt, or a 400 when it cannot fit the context (under
+        `window` / `sinks` the cache stays bounded, so any length fits) or its KV policy
+        parameters are inconsistent (naming the field)."""
+        spec = self.kv_policy(params)
         P, L = len(prompt.token_ids), self.max_model_len
-        if P >= L:
+        if params.truncate_prompt_tokens is not None:      # the engine keeps the last N tokens
+            P = min(P, params.truncate_prompt_tokens)
+        if spec.past_context:
+            if spec.budget and self.kv_tokens is not None and spec.budget >= self.kv_tokens:
+                raise bad_request(f"kv_policy={spec.policy} keeps {spec.budget} tokens but the KV "
+                                  f"pool holds {self.kv_tokens} under this server's --memory-budget; "
+                                  "lower kv_window", "kv_window")
+        elif P >= L:
             raise bad_request(f"this model's maximum context length is {L} tokens, but the "
                               f"{param} has {P} tokens; shorten it", param, "context_length_exceeded")
-        if max_tokens_given and params.max_tokens is not None and P + params.max_tokens > L:
+        if (not spec.past_context and max_tokens_given and params.max_tokens is not None
+                and P + params.max_tokens > L):
             raise bad_request(f"this model's maximum context length is {L} tokens, but {P} prompt "
                               f"tokens + max_tokens {params.max_tokens} = {P + params.max_tokens}; "
                               "lower max_tokens or shorten the prompt", "max_tokens",
                               "context_length_exceeded")
-        if self.kv_tokens is not None and P >= self.kv_tokens:
+        if not spec.past_context and self.kv_tokens is not None and P >= self.kv_tokens:
             raise bad_request(f"the {param} has {P} tokens but the KV pool holds {self.kv_tokens} "
                               "tokens under this server's --memory-budget; shorten it", param,
                               "context_length_exceeded")
@@ -75,6 +90,20 @@ class OpenAIServing:
             return self.processor.make_request(prompt, params)
         except RequestError as e:     # the structured output's grammar does not compile
             raise bad_request(str(e), "response_format") from None
+
+    def kv_policy(self, params: SamplingParams) -> KVPolicySpec:
+        """The request's KV policy with the server's defaults filled in; a 400 naming the field
+        when its sizes do not go together (e.g. kv_sinks >= kv_window)."""
+        defaults = self.engine_config
+        if defaults is None:          # the reference engine refuses evicting policies itself
+            return KVPolicySpec()
+        try:
+            return KVPolicySpec.resolve(params.kv_policy or defaults.kv_policy, params.kv_window,
+                                        params.kv_sinks, params.kv_budget, defaults)
+        except ValueError as e:
+            message = str(e)
+            named = sorted((message.index(f), f) for f in _KV_FIELDS if f in message)
+            raise bad_request(message, named[0][1] if named else "kv_policy") from None
 
     def submit(self, requests: list[Request]) -> "Submission":
         """Admit `requests` (429 when the waiting queue is full) and start them."""

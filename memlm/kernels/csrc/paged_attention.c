@@ -21,8 +21,9 @@
    final softmax weights are added to mass[b, kv head of the query, key] (summed over the query
    heads of a GQA group; accumulated across calls, i.e. layers). The raw scores are kept as they
    are computed and normalized once the row's max and sum are known: a second pass over L
-   scores, none over K. Only the generic body does this; the AVX-512 head-64 path hands a call
-   with `mass` to it.
+   scores, none over K. Both bodies do this: the AVX-512 head-64 body keeps its masked 16-score
+   vectors of each query head and normalizes them with exp512 at the end (a (sequence, KV
+   head) task owns its row of mass, so no two threads add to the same row).
 
    Exports paged_decode_attention_{f32,f16,i8}[_hd64], all with the signature
    (q, k_cache, v_cache, k_scales, v_scales, block_tables, lens, out, mass,
@@ -182,9 +183,12 @@ static inline void row512_i8(const int8_t* r, __m512 o[4]) {
 #define DEFINE_HEAD512(NAME, KV_T, ROW, SCALED)                                                   \
 static inline __attribute__((always_inline)) void NAME(                                         \
         const float* qb, const KV_T* kc, const KV_T* vc, const float* ks, const float* vs,      \
-        const int64_t* table, int64_t L, float* ob, int nkv, int h, float scale, const int G)   \
+        const int64_t* table, int64_t L, float* ob, float* mrow, int mstride, int nkv, int h,   \
+        float scale, const int G)                                                                \
 {                                                                                                \
     __m512 qv[G][4], acc[G][4];                                                                  \
+    /* H2O mass: the G rows of raw scores, normalized once m and l are final */                \
+    float* raw = mrow ? (float*)malloc(sizeof(float) * (size_t)G * (size_t)(L > 0 ? L : 1)) : NULL; \
     float m[G], l[G];                                                                            \
     float kf[16][64] __attribute__((aligned(64)));                                               \
     float pb[G][16] __attribute__((aligned(64)));                                                \
@@ -226,6 +230,7 @@ static inline __attribute__((always_inline)) void NAME(                         
             __m512 sc = sum16x16(d);                                                             \
             if (SCALED) sc = _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(live, sk));                 \
             sc = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), sc);                      \
+            if (raw) _mm512_mask_storeu_ps(raw + (int64_t)j * L + start, live, sc);              \
             const float bm = fmaxf(m[j], _mm512_reduce_max_ps(sc));                              \
             const float corr = expf(m[j] - bm);                                                  \
             const __m512 p = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(sc, _mm512_set1_ps(bm)))); \
@@ -247,6 +252,20 @@ static inline __attribute__((always_inline)) void NAME(                         
         const __m512 inv = _mm512_set1_ps(1.f / l[j]);                                           \
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(ob + j * 64 + 16 * c, _mm512_mul_ps(acc[j][c], inv)); \
     }                                                                                            \
+    if (raw) {             /* the G query heads of KV head h add into one row of mass */         \
+        float* mr = mrow + (int64_t)h * mstride;                                                 \
+        for (int j = 0; j < G; j++) {                                                            \
+            const __m512 mj = _mm512_set1_ps(m[j]), inv = _mm512_set1_ps(1.f / l[j]);            \
+            const float* rj = raw + (int64_t)j * L;                                              \
+            for (int64_t t = 0; t < L; t += 16) {                                                \
+                const int n = (L - t) < 16 ? (int)(L - t) : 16;                                  \
+                const __mmask16 lv = (__mmask16)((1u << n) - 1u);                                \
+                const __m512 w = _mm512_mul_ps(exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(lv, rj + t), mj)), inv); \
+                _mm512_mask_storeu_ps(mr + t, lv, _mm512_add_ps(_mm512_maskz_loadu_ps(lv, mr + t), w)); \
+            }                                                                                    \
+        }                                                                                        \
+        free(raw);                                                                               \
+    }                                                                                            \
 }
 
 #define DEFINE_DECODE512(NAME, HEAD, KV_T, GENERIC)                                              \
@@ -255,7 +274,7 @@ void NAME(const float* q, const KV_T* kc, const KV_T* vc, const float* ks, const
           int nkv, int hd_arg, int bs_arg, int max_nb, float scale)                              \
 {                                                                                                \
     const int g = nh / nkv;                                                                      \
-    if (g > 8 || mass) {                                                                         \
+    if (g > 8) {                                                                                 \
         GENERIC(q, kc, vc, ks, vs, tables, lens, out, mass, B, nh, nkv, hd_arg, bs_arg, max_nb, scale); \
         return;                                                                                  \
     }                                                                                            \
@@ -269,15 +288,17 @@ void NAME(const float* q, const KV_T* kc, const KV_T* vc, const float* ks, const
         const float* qb = q + ((int64_t)b * nh + (int64_t)h * g) * 64;                           \
         float* ob = out + ((int64_t)b * nh + (int64_t)h * g) * 64;                               \
         const int64_t* tb = tables + (int64_t)b * max_nb;                                        \
+        const int ms = max_nb * 16;                                                              \
+        float* mb = mass ? mass + (int64_t)b * nkv * ms : NULL;                                  \
         switch (g) {                                                                             \
-        case 1: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, nkv, h, scale, 1); break;              \
-        case 2: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, nkv, h, scale, 2); break;              \
-        case 3: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, nkv, h, scale, 3); break;              \
-        case 4: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, nkv, h, scale, 4); break;              \
-        case 5: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, nkv, h, scale, 5); break;              \
-        case 6: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, nkv, h, scale, 6); break;              \
-        case 7: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, nkv, h, scale, 7); break;              \
-        default: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, nkv, h, scale, 8); break;             \
+        case 1: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, mb, ms, nkv, h, scale, 1); break;              \
+        case 2: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, mb, ms, nkv, h, scale, 2); break;              \
+        case 3: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, mb, ms, nkv, h, scale, 3); break;              \
+        case 4: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, mb, ms, nkv, h, scale, 4); break;              \
+        case 5: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, mb, ms, nkv, h, scale, 5); break;              \
+        case 6: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, mb, ms, nkv, h, scale, 6); break;              \
+        case 7: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, mb, ms, nkv, h, scale, 7); break;              \
+        default: HEAD(qb, kc, vc, ks, vs, tb, lens[b], ob, mb, ms, nkv, h, scale, 8); break;             \
         }                                                                                        \
     }                                                                                            \
     _mm_setcsr(csr);                                                                             \

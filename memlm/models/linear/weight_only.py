@@ -177,7 +177,7 @@ class WeightOnlyMethod(LinearMethod):
         """(n, H) -> (n, vocab) fp32 through the int8 head (bf16 in, bf16-rounded out)."""
         held = getattr(head, "block_weight", None)
         if held is not None:
-            return gemv.block_matmul(hidden, held)
+            return gemv.block_matmul(hidden, held, exact=True)     # fp32 activations: exact argmax
         if hidden.shape[0] == 0:
             return hidden.new_empty(0, head.qweight.shape[0], dtype=torch.float32)
         x = hidden.to(self.act_dtype).contiguous()

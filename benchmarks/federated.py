@@ -1,0 +1,128 @@
+"""Federated distillation on Flower vs its two baselines, on held-out text.
+
+    python benchmarks/federated.py            # 4 Shakespeare plays as clients, 6 rounds (a few minutes)
+    python benchmarks/federated.py --quick    # 2 clients, 2 rounds (a smoke run)
+
+Runs in one invocation, from the same initial student, with the same steps and tokens:
+- local-only: each client trains alone on its own play for rounds x local_steps steps (one
+  continuous run); reported as the mean of the clients' held-out perplexities;
+- centralized: one student on the union of the clients' plays, rounds x local_steps steps of
+  clients x batch windows (the same steps and the same tokens as the whole federation);
+- FedAvg and FedDF (FedAvg, then server distillation of the clients' averaged logits on the
+  public play) through `memlm.distributed.federated.run_federated` (Flower simulation, Ray).
+Held-out = the corpus's validation plays, which no client holds and FedDF never trains on.
+Prints a table with the ratios the acceptance asks for (global < mean local; global within 10%
+of centralized).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from memlm.distributed.fed_data import FedConfig, corpus_partition, public_tokenizer, tokenize
+from memlm.distributed.fed_train import LocalConfig, heldout_loss, local_update
+from memlm.distributed.federated import initial_student, run_federated
+
+
+def _cpu() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def baselines(cfg: FedConfig) -> dict:
+    part = corpus_partition(cfg)
+    tok = public_tokenizer(part.public, cfg.vocab_size)
+    heldout = tokenize(part.heldout, tok)
+    init = initial_student(cfg, tok)
+    steps = cfg.rounds * cfg.local_steps
+    local_cfg = LocalConfig(steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr, seed=cfg.seed)
+    out = {"init_loss": heldout_loss(init, heldout, cfg.seq_len, cfg.eval_tokens), "local": []}
+    t0 = time.perf_counter()
+    for pid, shard in enumerate(part.clients):
+        m = copy.deepcopy(init)
+        stats = local_update(m, tokenize(shard, tok), local_cfg, seed=cfg.seed * 1000 + pid)
+        out["local"].append({"client": pid, "docs": [d.name for d in shard], "tokens": stats["tokens"],
+                             "loss": heldout_loss(m, heldout, cfg.seq_len, cfg.eval_tokens)})
+    out["local_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    union = np.concatenate([tokenize(s, tok) for s in part.clients])
+    m = copy.deepcopy(init)
+    stats = local_update(m, union, replace(local_cfg, batch_size=cfg.batch_size * cfg.clients), seed=cfg.seed + 99)
+    out["central"] = {"tokens": stats["tokens"], "loss": heldout_loss(m, heldout, cfg.seq_len, cfg.eval_tokens),
+                      "steps": steps}
+    out["central_s"] = time.perf_counter() - t0
+    out["heldout_tokens"] = min(len(heldout) - 1, cfg.eval_tokens // cfg.seq_len * cfg.seq_len)
+    out["public"] = [d.name for d in part.public]
+    out["heldout_docs"] = [d.name for d in part.heldout]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--local-steps", type=int, default=25)
+    ap.add_argument("--server-steps", type=int, default=25)
+    ap.add_argument("--corpus", default="shakespeare")
+    ap.add_argument("--student", default=FedConfig.student)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    if a.quick:
+        a.clients, a.rounds, a.local_steps, a.server_steps = 2, 2, 10, 10
+    torch.set_num_threads(a.threads)
+    cfg = FedConfig(clients=a.clients, rounds=a.rounds, corpus=a.corpus, local_steps=a.local_steps,
+                    server_steps=a.server_steps, student=a.student, threads_per_client=a.threads)
+    t_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"# federated distillation benchmark, {t_start}")
+    print(f"CPU: {_cpu()}; load average at start {os.getloadavg()[0]:.2f}; torch threads {a.threads} "
+          f"(per client); {cfg.clients} clients x {cfg.rounds} rounds x {cfg.local_steps} local steps, "
+          f"batch {cfg.batch_size} x {cfg.seq_len} tokens, student {cfg.student}, BPE {cfg.vocab_size} on the public shard")
+    base = baselines(cfg)
+    runs = {}
+    for strategy in ("fedavg", "feddf"):
+        runs[strategy] = run_federated(replace(cfg, strategy=strategy))
+    load_end = os.getloadavg()[0]
+    local_ppl = [math.exp(x["loss"]) for x in base["local"]]
+    central = math.exp(base["central"]["loss"])
+    client_tokens = sum(x["tokens"] for x in base["local"])
+    print(f"public shard: {base['public']}; held-out: {base['heldout_docs']} ({base['heldout_tokens']} tokens scored)")
+    print("clients: " + "; ".join(f"{x['client']}: {', '.join(x['docs'])}" for x in base["local"]))
+    print()
+    print("| model | held-out ppl | vs centralized | client tokens | wall s |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| initial student | {math.exp(base['init_loss']):.2f} | {math.exp(base['init_loss']) / central:.3f} | 0 | |")
+    print(f"| local-only, mean of {cfg.clients} clients | {np.mean(local_ppl):.2f} | {np.mean(local_ppl) / central:.3f} "
+          f"| {client_tokens} | {base['local_s']:.0f} |")
+    for x, p in zip(base["local"], local_ppl):
+        print(f"| local-only client {x['client']} | {p:.2f} | {p / central:.3f} | {x['tokens']} | |")
+    print(f"| centralized on the union | {central:.2f} | 1.000 | {base['central']['tokens']} | {base['central_s']:.0f} |")
+    for strategy, r in runs.items():
+        extra = " (+ server steps on public text)" if strategy == "feddf" else ""
+        print(f"| {strategy}{extra} | {r.final_ppl:.2f} | {r.final_ppl / central:.3f} | {client_tokens} | {r.wall_s:.0f} |")
+    print()
+    for strategy, r in runs.items():
+        curve = ", ".join(f"{math.exp(x['heldout_loss']):.1f}" for x in r.rounds)
+        print(f"{strategy} held-out ppl by round: {curve}")
+        ok_local, ok_central = r.final_ppl < np.mean(local_ppl), r.final_ppl <= 1.10 * central
+        print(f"{strategy}: better than mean local-only: {ok_local} ({r.final_ppl:.2f} vs {np.mean(local_ppl):.2f}); "
+              f"within 10% of centralized: {ok_central} ({100 * (r.final_ppl / central - 1):+.1f}%)")
+        arrays = {a['record'] for a in r.audit}
+        print(f"{strategy}: clients sent {len(r.audit)} items, records {sorted(arrays)} only (audited on arrival)")
+    print(f"load average at end {load_end:.2f} (shared machine: timings are under load)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Who holds which text in a federated run, and the run's settings.
+
+Owns: `FedConfig` (every setting of `memlm federated`, validated), the deterministic partition
+of a corpus into held-out documents (the corpus's own validation split), one public shard (text
+no client holds: the server's FedDF transfer set and the source of the shared BPE tokenizer)
+and K private client shards (whole documents: one Shakespeare play or one KJV book each by
+default), and tokenizing documents in memory. Does not know: Flower (`federated.py`) or
+training (`fed_train.py`).
+
+    corpus --split_documents--> train docs | held-out docs (val split: scored, held by nobody)
+    train docs, by sha1(name): [public x P][client 0 x D][client 1 x D] ... [client K-1 x D][unused]
+
+Every party computes the same partition from the corpus name alone, so a client reads only its
+own documents from its own disk; nothing about the text is sent.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from memlm.errors import MemlmError
+from memlm.training.data import Document, load_corpus, split_documents
+
+STRATEGIES = ("fedavg", "feddf")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    clients: int = 4
+    rounds: int = 5
+    corpus: str = "shakespeare"
+    strategy: str = "fedavg"          # fedavg | feddf
+    docs_per_client: int = 1          # whole documents (plays, books) each client holds
+    public_docs: int = 1              # documents in the public shard (no client holds them)
+    student: str = "layers=2,hidden=64,heads=2,kv_heads=1"
+    vocab_size: int = 1024            # BPE trained on the public shard (ignored with a teacher)
+    local_steps: int = 20
+    batch_size: int = 8
+    seq_len: int = 64
+    lr: float = 3e-3
+    keep_optimizer: bool = True       # clients keep their AdamW moments across rounds (own state)
+    server_steps: int = 20            # feddf: ensemble-distillation steps per round
+    server_lr: float = 1e-3
+    temperature: float = 1.0
+    teacher: str | None = None        # clients distill this model on their own text (its tokenizer)
+    alpha: float = 1.0                # weight of the teacher KL on clients
+    eval_tokens: int = 16384          # held-out tokens scored after each round
+    seed: int = 0
+    threads_per_client: int = 1
+    out: str | None = None            # save the global student (a model dir) here
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise MemlmError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        for name in ("clients", "rounds", "docs_per_client", "public_docs", "vocab_size", "local_steps",
+                     "batch_size", "seq_len", "eval_tokens", "threads_per_client"):
+            if getattr(self, name) <= 0:
+                raise MemlmError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.strategy == "feddf" and self.server_steps <= 0:
+            raise MemlmError(f"--server-steps must be positive with --strategy feddf, got {self.server_steps}")
+        if min(self.lr, self.server_lr, self.temperature) <= 0:
+            raise MemlmError("--lr, --server-lr and --temperature must be positive")
+
+
+@dataclass(frozen=True)
+class Partition:
+    public: list[Document]
+    clients: list[list[Document]]
+    heldout: list[Document]
+
+
+def partition(docs: list[Document], clients: int, docs_per_client: int, public_docs: int) -> Partition:
+    """The fixed split of `docs` (see the module docstring).
+
+    Raises:
+        MemlmError: the corpus has too few training documents for the shards asked for.
+    """
+    train, heldout = split_documents(docs)
+    if not heldout:
+        raise MemlmError("the corpus needs at least two documents: one is held out for scoring")
+    ranked = sorted(train, key=lambda d: hashlib.sha1(("fed:" + d.name).encode()).hexdigest())
+    need = public_docs + clients * docs_per_client
+    if len(ranked) < need:
+        raise MemlmError(f"the corpus has {len(ranked)} training documents; {clients} clients x {docs_per_client} "
+                         f"+ {public_docs} public need {need}: use fewer --clients or --docs-per-client")
+    shards = [ranked[public_docs + i * docs_per_client: public_docs + (i + 1) * docs_per_client]
+              for i in range(clients)]
+    return Partition(ranked[:public_docs], shards, heldout)
+
+
+def corpus_partition(cfg: FedConfig) -> Partition:
+    return partition(load_corpus(cfg.corpus), cfg.clients, cfg.docs_per_client, cfg.public_docs)
+
+
+def tokenize(docs: list[Document], tokenizer) -> np.ndarray:
+    """Documents joined by EOS (when the tokenizer has one) -> (n,) int64 token ids."""
+    eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
+    ids: list[int] = []
+    for d in docs:
+        ids += list(tokenizer.encode(d.text)) + ([int(eos[0])] if eos else [])
+    return np.asarray(ids, dtype=np.int64)
+
+
+def public_tokenizer(public: list[Document], vocab_size: int):
+    """A BPE trained on the public shard only: the server builds it without any client's text."""
+    from memlm.training.data import TextTokenizer
+    return TextTokenizer.train([d.text for d in public], vocab_size)

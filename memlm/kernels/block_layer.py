@@ -1,0 +1,85 @@
+"""A decoder layer's two fused decode steps on GGUF block weights, one native call each.
+
+Owns: the wrappers of `csrc/decode_q.c`'s `block_attn_in` (rms_norm -> q|k|v projection (+ bias)
+-> RoPE -> bf16) and `block_attn_out_mlp` (x += o_proj(attn); x += down(silu(gate) * up) of
+rms_norm(x), in place), with their torch reference (`*_reference`: the same math through
+`gemv.dequantize` and fp32 matmuls, what the tests compare against), and `usable`, the check
+that a step of M rows may take this path: the native library is built, 8-bit activations are
+chosen (`gemv.int8_activations`: AVX-512 VNNI, or `MEMLM_INT8_ACTIVATIONS=1`) and M is at most
+MAX_ROWS. Activations are quantized to 8 bits per block of 32 inside (see decode_q.c); scratch
+is a few rows of the layer's widths (under 0.2 MiB at MAX_ROWS rows for SmolLM2), allocated per call.
+Does not know: layers, attention or the KV cache (`memlm.models.blocks` calls these around
+`kv.attend`), or how the blocks were loaded (`memlm.kernels.gemv.BlockWeight`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from memlm.kernels import gemv
+
+MAX_ROWS = 8       # decode batches up to this many rows; more go through the per-projection path
+
+
+def usable(rows: int) -> bool:
+    return 0 < rows <= MAX_ROWS and gemv.int8_activations()
+
+
+def weights_fit(*weights: gemv.BlockWeight) -> bool:
+    """True when each weight's K is a whole number of blocks (no padding: x is passed as is)."""
+    return all(w.padded_in == w.in_features for w in weights)
+
+
+def _type(w: gemv.BlockWeight) -> int:
+    return gemv.GGML_TYPE_IDS[w.codec]
+
+
+def attn_in(x: torch.Tensor, norm_w: torch.Tensor, eps: float, qkv: gemv.BlockWeight,
+            bias: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+            n_rot: int, head_dim: int) -> torch.Tensor:
+    """x (M, H) fp32 contiguous -> (M, Nqkv) bf16: rope(rms_norm(x) @ W.T + bias) where the first
+    n_rot heads of head_dim are rotated by cos / sin (M, head_dim) fp32 (None: no RoPE)."""
+    m, h = x.shape
+    out = torch.empty(m, qkv.out_features, dtype=torch.bfloat16)
+    if cos is None:
+        n_rot, cos_p, sin_p = 0, None, None
+    else:
+        cos_p, sin_p = cos.data_ptr(), sin.data_ptr()
+    gemv.DECODE_LIBRARY.lib.block_attn_in(
+        x.data_ptr(), norm_w.data_ptr(), eps, _type(qkv), qkv.blocks.data_ptr(),
+        None if bias is None else bias.data_ptr(), cos_p, sin_p, out.data_ptr(),
+        m, h, qkv.out_features, n_rot, head_dim)
+    return out
+
+
+def attn_out_mlp_(x: torch.Tensor, attn: torch.Tensor, norm_w: torch.Tensor, eps: float,
+                  o: gemv.BlockWeight, gate_up: gemv.BlockWeight, down: gemv.BlockWeight) -> torch.Tensor:
+    """x (M, H) fp32 contiguous, updated in place and returned; attn (M, Ko) bf16 contiguous."""
+    m, h = x.shape
+    gemv.DECODE_LIBRARY.lib.block_attn_out_mlp(
+        x.data_ptr(), attn.data_ptr(), norm_w.data_ptr(), eps, _type(o), o.blocks.data_ptr(),
+        _type(gate_up), gate_up.blocks.data_ptr(), _type(down), down.blocks.data_ptr(),
+        m, h, o.in_features, down.in_features)
+    return x
+
+
+def attn_in_reference(x, norm_w, eps, qkv: gemv.BlockWeight, bias, cos, sin, n_rot: int,
+                      head_dim: int) -> torch.Tensor:
+    """`attn_in` in fp32 torch on the dequantized weight (no activation rounding)."""
+    y = F.rms_norm(x, (x.shape[-1],), norm_w, eps) @ gemv.dequantize(qkv).t()
+    if bias is not None:
+        y = y + bias.float()
+    if cos is not None and n_rot:
+        m, half = x.shape[0], head_dim // 2
+        t = y[:, :n_rot * head_dim].view(m, n_rot, head_dim)
+        rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+        y = torch.cat([(t * cos[:, None] + rotated * sin[:, None]).reshape(m, -1), y[:, n_rot * head_dim:]], dim=1)
+    return y.to(torch.bfloat16)
+
+
+def attn_out_mlp_reference(x, attn, norm_w, eps, o: gemv.BlockWeight, gate_up: gemv.BlockWeight,
+                           down: gemv.BlockWeight) -> torch.Tensor:
+    """`attn_out_mlp_` in fp32 torch on the dequantized weights, returning a new tensor."""
+    x = x + attn.float() @ gemv.dequantize(o).t()
+    g, u = (F.rms_norm(x, (x.shape[-1],), norm_w, eps) @ gemv.dequantize(gate_up).t()).chunk(2, dim=-1)
+    return x + (F.silu(g) * u) @ gemv.dequantize(down).t()

@@ -1,0 +1,326 @@
+/* Decode-time matmuls on ggml block weights (Q8_0, Q4_0, Q4_1, layouts as in gemv_q.c) with
+   8-bit activations, and the two fused steps of a batch-1..8 decoder layer built on them.
+
+   Activations: each row of x is quantized per block of 32 (d = max|x| / 127, q = round(x / d),
+   s = d * sum(q)), once per call, as llama.cpp's Q8_1 activations; then per weight block
+
+     Q8_0  d_w d_x sum(q_w q_x)           Q4_1  d_w d_x sum(q_w q_x) + m_w s_x
+     Q4_0  d_w d_x sum(q_w q_x) - 8 d_w s_x
+
+   with the integer dot products in int32 (AVX-512 VNNI vpdpbusd on two blocks at a time where
+   the compiler targets it; plain C otherwise, same integers). The error against the exact fp32
+   product is bounded by sum_g sum_j |w_gj| d_x,g / 2 (the rounding of x), which the tests check.
+
+     qmatmul            y (M, N) fp32 = x (M, K) fp32 . W^T
+     block_attn_in      rms_norm(x) -> qkv projection (+ bias) -> RoPE of the q and k heads -> bf16
+     block_attn_out_mlp x += o_proj(a); h = rms_norm(x); x += down(silu(gate(h)) * up(h))
+
+   The fused steps run in one OpenMP region each (threads split every projection's output rows,
+   with barriers between phases); their scratch (a few rows of the layer's widths) is allocated
+   here per call. Wrapped by memlm/kernels/block_layer.py; gemv_q.c's fp32 kernel stays the
+   reference path for CPUs without VNNI. */
+#include "common.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <immintrin.h>
+
+enum { QK = 32, TYPE_Q4_0 = 2, TYPE_Q4_1 = 3, TYPE_Q8_0 = 8, MR = 4 };
+
+static int block_bytes(int type) {
+    return type == TYPE_Q8_0 ? 34 : type == TYPE_Q4_0 ? 18 : type == TYPE_Q4_1 ? 20 : 0;
+}
+
+#if defined(__F16C__)
+static inline float f16(const uint8_t* b) { uint16_t h; memcpy(&h, b, 2); return _cvtsh_ss(h); }
+#else
+static inline float f16(const uint8_t* b) {              /* IEEE half -> float, exactly */
+    uint16_t h; memcpy(&h, b, 2);
+    const int e = (h >> 10) & 31, m = h & 1023;
+    const float v = e == 0 ? ldexpf((float)m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexpf((float)(m | 1024), e - 25);
+    return (h & 0x8000u) ? -v : v;
+}
+#endif
+static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7F800000u) == 0x7F800000u) return (uint16_t)(u >> 16);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* M rows of K (K % 32 == 0) quantized activations: q (M, K) int8, d and s (M, G) fp32, and on
+   AVX-512 per pair of blocks the 16-lane vectors dp = [d_g x8 | d_g+1 x8], sp = [s_g / 8 x8 | ...]
+   (so an 8-lane product sums to the block's term). */
+typedef struct { int8_t* q; float *d, *s, *dp, *sp; int M, K, G, P; } qact;
+
+static int qact_alloc(qact* a, int M, int K) {
+    a->M = M; a->K = K; a->G = K / QK; a->P = (a->G + 1) / 2;
+    const size_t nq = (size_t)M * K, ng = (size_t)M * a->G, np = (size_t)M * a->P * 16;
+    const size_t bytes = (nq + 63) / 64 * 64 + 4 * (2 * ng + 2 * np);
+    char* mem = (char*)aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (mem == NULL) return 0;
+    a->q = (int8_t*)mem;
+    a->dp = (float*)(mem + (nq + 63) / 64 * 64);
+    a->sp = a->dp + np;
+    a->d = a->sp + np;
+    a->s = a->d + ng;
+    return 1;
+}
+static void qact_free(qact* a) { free(a->q); }
+
+/* row r of x (K fp32) -> the quantized row r of a */
+static void quantize_row(qact* a, int r, const float* x) {
+    const int G = a->G;
+    int8_t* q = a->q + (int64_t)r * a->K;
+    float *d = a->d + (int64_t)r * G, *s = a->s + (int64_t)r * G;
+    for (int g = 0; g < G; g++) {
+        const float* xb = x + g * QK;
+        int8_t* qb = q + g * QK;
+#if defined(__AVX512F__)
+        const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        const float db = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        const __m512i ql = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(id)));
+        const __m512i qh = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i*)qb, _mm512_cvtsepi32_epi8(ql));
+        _mm_storeu_si128((__m128i*)(qb + 16), _mm512_cvtsepi32_epi8(qh));
+        const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(ql, qh));
+#else
+        float amax = 0.f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        const float db = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) { const int v = (int)nearbyintf(xb[j] * id); qb[j] = (int8_t)v; sum += v; }
+#endif
+        d[g] = db;
+        s[g] = db * (float)sum;
+    }
+    float *dp = a->dp + (int64_t)r * a->P * 16, *sp = a->sp + (int64_t)r * a->P * 16;
+    for (int p = 0; p < a->P; p++)
+        for (int l = 0; l < 16; l++) {
+            const int g = 2 * p + l / 8;
+            dp[p * 16 + l] = g < G ? d[g] : 0.f;
+            sp[p * 16 + l] = g < G ? s[g] * 0.125f : 0.f;
+        }
+}
+
+/* the integer dot product of weight block b with activation block qx, and the block's m term */
+static inline int block_isum(int type, const uint8_t* b, const int8_t* qx) {
+    int sum = 0;
+    if (type == TYPE_Q8_0) {
+        const int8_t* qw = (const int8_t*)(b + 2);
+        for (int j = 0; j < QK; j++) sum += qw[j] * qx[j];
+    } else {
+        const uint8_t* qs = b + (type == TYPE_Q4_1 ? 4 : 2);
+        for (int j = 0; j < QK / 2; j++) sum += (qs[j] & 15) * qx[j] + (qs[j] >> 4) * qx[j + 16];
+    }
+    return sum;
+}
+static inline float block_m(int type, const uint8_t* b) {
+    return type == TYPE_Q4_1 ? f16(b + 2) : type == TYPE_Q4_0 ? -8.f * f16(b) : 0.f;
+}
+
+/* out[r] = row n of W (G blocks at w) . activation rows r0 .. r0 + mr */
+static inline __attribute__((always_inline)) void row_dot(int type, const uint8_t* w, const qact* a,
+                                                         int r0, int mr, float* out) {
+    const int G = a->G, bb = block_bytes(type);
+    int g = 0;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    __m512 acc[MR];
+    for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i idx_d = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i idx_m = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m512i idx_01 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (; g + 2 <= G; g += 2) {
+        const uint8_t *b0 = w + (int64_t)g * bb, *b1 = b0 + bb;
+        __m512i wv;
+        __m512 dw, mw = _mm512_setzero_ps();
+        __mmask64 neg = 0;
+        if (type == TYPE_Q8_0) {
+            const __m512i raw = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(b0 + 2))),
+                                                   _mm256_loadu_si256((const __m256i*)(b1 + 2)), 1);
+            neg = _mm512_movepi8_mask(raw);
+            wv = _mm512_abs_epi8(raw);
+            uint16_t h0, h1; memcpy(&h0, b0, 2); memcpy(&h1, b1, 2);
+            const __m512 dd = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)h0 | ((uint32_t)h1 << 16)))));
+            dw = _mm512_permutexvar_ps(idx_01, dd);
+        } else {
+            const int off = type == TYPE_Q4_1 ? 4 : 2;
+            const __m256i qs = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(b0 + off))),
+                                                       _mm_loadu_si128((const __m128i*)(b1 + off)), 1);
+            const __m256i m4 = _mm256_set1_epi8(15);
+            const __m256i lo = _mm256_and_si256(qs, m4), hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), m4);
+            wv = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);          /* lo0 lo1 hi0 hi1 */
+            wv = _mm512_shuffle_i64x2(wv, wv, _MM_SHUFFLE(3, 1, 2, 0));          /* lo0 hi0 lo1 hi1 */
+            if (type == TYPE_Q4_1) {
+                uint32_t h0, h1; memcpy(&h0, b0, 4); memcpy(&h1, b1, 4);
+                const __m512 dm = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_set_epi32(0, 0, (int)h1, (int)h0)));
+                dw = _mm512_permutexvar_ps(idx_d, dm);                            /* d0 m0 d1 m1 */
+                mw = _mm512_permutexvar_ps(idx_m, dm);
+            } else {
+                uint16_t h0, h1; memcpy(&h0, b0, 2); memcpy(&h1, b1, 2);
+                const __m512 dd = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)h0 | ((uint32_t)h1 << 16)))));
+                dw = _mm512_permutexvar_ps(idx_01, dd);
+                mw = _mm512_mul_ps(dw, _mm512_set1_ps(-8.f));
+            }
+        }
+        for (int r = 0; r < mr; r++) {
+            const int64_t ro = (int64_t)(r0 + r);
+            __m512i xv = _mm512_loadu_si512((const void*)(a->q + ro * a->K + (int64_t)g * QK));
+            if (type == TYPE_Q8_0) xv = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+            const float* dp = a->dp + (ro * a->P + g / 2) * 16;
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, _mm512_loadu_ps(dp)), acc[r]);
+            if (type != TYPE_Q8_0) {
+                const float* sp = a->sp + (ro * a->P + g / 2) * 16;
+                acc[r] = _mm512_fmadd_ps(mw, _mm512_loadu_ps(sp), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < mr; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+#else
+    for (int r = 0; r < mr; r++) out[r] = 0.f;
+#endif
+    for (; g < G; g++) {                            /* the rest (all of it without VNNI) */
+        const uint8_t* b = w + (int64_t)g * bb;
+        const float dw = f16(b), mw = block_m(type, b);
+        for (int r = 0; r < mr; r++) {
+            const int64_t ro = (int64_t)(r0 + r);
+            const int isum = block_isum(type, b, a->q + ro * a->K + (int64_t)g * QK);
+            out[r] += dw * a->d[ro * G + g] * (float)isum + mw * a->s[ro * G + g];
+        }
+    }
+}
+
+/* y[r * ldy + n] (+)= W row n . activation row r, for n in [n0, n1) and every row of a: called
+   inside a parallel region (an orphaned `omp for`) or alone. acc: add into y instead of storing. */
+static void qgemv_rows(int type, const uint8_t* W, const qact* a, float* y, int64_t ldy, int N, int acc) {
+    const int64_t row_bytes = (int64_t)a->G * block_bytes(type);
+    _Pragma("omp for schedule(static)")
+    for (int n = 0; n < N; n++) {
+        const uint8_t* w = W + (int64_t)n * row_bytes;
+        float out[MR];
+        for (int r0 = 0; r0 < a->M; r0 += MR) {
+            const int mr = a->M - r0 < MR ? a->M - r0 : MR;
+#define ROWS(T, R) case R: row_dot(T, w, a, r0, R, out); break;
+#define TYPE(T) case T: switch (mr) { ROWS(T, 1) ROWS(T, 2) ROWS(T, 3) ROWS(T, 4) } break;
+            switch (type) { TYPE(TYPE_Q8_0) TYPE(TYPE_Q4_0) TYPE(TYPE_Q4_1) }
+#undef TYPE
+#undef ROWS
+            for (int r = 0; r < mr; r++) {
+                float* o = y + (int64_t)(r0 + r) * ldy + n;
+                *o = acc ? *o + out[r] : out[r];
+            }
+        }
+    }
+}
+
+void qmatmul(int type, const uint8_t* W, const float* x, float* y, int M, int N, int K) {
+    if (block_bytes(type) == 0 || M <= 0 || N <= 0 || K % QK) return;
+    qact a;
+    if (!qact_alloc(&a, M, K)) return;
+    for (int r = 0; r < M; r++) quantize_row(&a, r, x + (int64_t)r * K);
+    _Pragma("omp parallel if((int64_t)N * K * M >= 65536)")
+    qgemv_rows(type, W, &a, y, N, N, 0);
+    qact_free(&a);
+}
+
+static void rms_norm_row(const float* x, const float* w, float eps, int H, float* out) {
+    float ss = 0.f;
+    for (int d = 0; d < H; d++) ss += x[d] * x[d];
+    const float r = 1.f / sqrtf(ss / H + eps);
+    for (int d = 0; d < H; d++) out[d] = x[d] * r * w[d];
+}
+
+/* x (M, H) fp32 -> qkv (M, Nq) bf16 = rope(rms_norm(x) . Wqkv^T + bias); the first n_rot heads
+   of width hd are rotated ("rotate half") by cos / sin (M, hd). bias may be NULL. */
+void block_attn_in(const float* x, const float* norm_w, float eps, int type, const uint8_t* W,
+                   const float* bias, const float* cos_, const float* sin_, uint16_t* qkv,
+                   int M, int H, int Nq, int n_rot, int hd) {
+    if (block_bytes(type) == 0 || M <= 0 || H % QK) return;
+    qact a;
+    float* buf = (float*)malloc(sizeof(float) * (size_t)M * ((size_t)H + (size_t)Nq));
+    if (buf == NULL) return;
+    if (!qact_alloc(&a, M, H)) { free(buf); return; }
+    float *h = buf, *y = buf + (size_t)M * H;
+    for (int r = 0; r < M; r++) {
+        rms_norm_row(x + (int64_t)r * H, norm_w, eps, H, h + (int64_t)r * H);
+        quantize_row(&a, r, h + (int64_t)r * H);
+    }
+    const int half = hd / 2;
+    _Pragma("omp parallel if((int64_t)Nq * H * M >= 65536)")
+    {
+        qgemv_rows(type, W, &a, y, Nq, Nq, 0);
+        _Pragma("omp for schedule(static)")
+        for (int r = 0; r < M; r++) {
+            float* yr = y + (int64_t)r * Nq;
+            if (bias) for (int n = 0; n < Nq; n++) yr[n] += bias[n];
+            const float *c = cos_ + (int64_t)r * hd, *s = sin_ + (int64_t)r * hd;
+            for (int hh = 0; hh < n_rot; hh++) {
+                float* t = yr + (int64_t)hh * hd;
+                for (int d = 0; d < half; d++) {
+                    const float u = t[d], v = t[d + half];
+                    t[d] = u * c[d] - v * s[d];
+                    t[d + half] = v * c[d + half] + u * s[d + half];
+                }
+            }
+            uint16_t* o = qkv + (int64_t)r * Nq;
+            for (int n = 0; n < Nq; n++) o[n] = f2bf(yr[n]);
+        }
+    }
+    qact_free(&a);
+    free(buf);
+}
+
+/* x (M, H) fp32, updated in place: x += attn (M, Ko) bf16 . Wo^T; h = rms_norm(x);
+   x += Wd . (silu(g) * u) with [g | u] = h . Wgu^T (2I outputs). */
+void block_attn_out_mlp(float* x, const uint16_t* attn, const float* norm_w, float eps,
+                        int type_o, const uint8_t* Wo, int type_gu, const uint8_t* Wgu,
+                        int type_d, const uint8_t* Wd, int M, int H, int Ko, int I) {
+    if (!block_bytes(type_o) || !block_bytes(type_gu) || !block_bytes(type_d) || M <= 0
+        || H % QK || Ko % QK || I % QK) return;
+    const int Kmax = Ko > I ? (Ko > H ? Ko : H) : (I > H ? I : H);
+    float* buf = (float*)malloc(sizeof(float) * (size_t)M * ((size_t)Kmax + 3 * (size_t)I));
+    qact a;
+    if (buf == NULL) return;
+    if (!qact_alloc(&a, M, Kmax)) { free(buf); return; }
+    float *t = buf, *gu = buf + (size_t)M * Kmax, *s = gu + (size_t)M * 2 * I;
+    const int par = (int64_t)(2 * I) * H * M >= 65536;
+    _Pragma("omp parallel if(par)")
+    {
+        _Pragma("omp single")
+        {
+            a.K = Ko; a.G = Ko / QK; a.P = (a.G + 1) / 2;
+            for (int r = 0; r < M; r++) {
+                for (int k = 0; k < Ko; k++) t[(int64_t)r * Ko + k] = bf2f(attn[(int64_t)r * Ko + k]);
+                quantize_row(&a, r, t + (int64_t)r * Ko);
+            }
+        }
+        qgemv_rows(type_o, Wo, &a, x, H, H, 1);                        /* x += o_proj(attn) */
+        _Pragma("omp single")
+        {
+            a.K = H; a.G = H / QK; a.P = (a.G + 1) / 2;
+            for (int r = 0; r < M; r++) {
+                rms_norm_row(x + (int64_t)r * H, norm_w, eps, H, t + (int64_t)r * H);
+                quantize_row(&a, r, t + (int64_t)r * H);
+            }
+        }
+        qgemv_rows(type_gu, Wgu, &a, gu, 2 * I, 2 * I, 0);
+        _Pragma("omp for schedule(static)")
+        for (int64_t e = 0; e < (int64_t)M * I; e++) {
+            const int64_t r = e / I, j = e % I;
+            const float g = gu[r * 2 * I + j], u = gu[r * 2 * I + I + j];
+            s[e] = g * u / (1.f + exp_approx(-g));
+        }
+        _Pragma("omp single")
+        {
+            a.K = I; a.G = I / QK; a.P = (a.G + 1) / 2;
+            for (int r = 0; r < M; r++) quantize_row(&a, r, s + (int64_t)r * I);
+        }
+        qgemv_rows(type_d, Wd, &a, x, H, H, 1);                        /* x += down(...) */
+    }
+    qact_free(&a);
+    free(buf);
+}

@@ -203,7 +203,11 @@ def main() -> None:
     ap.add_argument("--min-budget", action="store_true", help="also bisect the smallest budget per dtype")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--write-copy", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write_copy:
+        print(gguf_copy(args.write_copy))
+        return
     if args.worker:
         kind = ENGINES[args.worker][0]
         res = {"hf": hf_worker, "llamacpp": llamacpp_worker, "memlm": memlm_worker}[kind](args)
@@ -215,6 +219,12 @@ def main() -> None:
         sys.exit(f"error: unknown engine {bad[0]!r}; choose from {', '.join(ENGINES)}")
     print(f"# single stream: {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, greedy, "
           f"{args.threads} threads", flush=True)
+    # The GGUF copies are written by a child: a worker forked after this process had grown would
+    # report this process's peak (Linux carries the pre-exec high-water mark into ru_maxrss).
+    for qtype in sorted({ENGINES[n][1] for n in names if ENGINES[n][0] == "llamacpp"} |
+                        {ENGINES[n][2] for n in names if isinstance(ENGINES[n][2], str)}):
+        subprocess.run([sys.executable, __file__, "--write-copy", qtype], check=True, stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
     runs: list[tuple[str, dict]] = []           # an engine listed twice keeps both runs
     for name in names:
         r = run_engine(name, args)

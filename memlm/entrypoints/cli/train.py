@@ -202,7 +202,12 @@ def _start(work, run, threads: int | None, ddp_backend: str | None = None) -> in
     try:
         if dist.is_main:
             print(describe(dist))
-        return work(run, dist=dist)
+        code = work(run, dist=dist)
+        # every rank reaches the end before any tears the group down: a rank destroying gloo's
+        # group while its peer still talks to it aborted the peer ("terminate called without an
+        # active exception", seen once in CI)
+        dist.barrier()
+        return code
     finally:
         dist.close()
 

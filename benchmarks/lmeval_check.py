@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
+from serve_load_servers import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 LM_EVAL = ROOT / ".venv-lmeval" / "bin" / "lm_eval"
@@ -67,16 +66,11 @@ def serve(args, port: int, log: Path) -> subprocess.Popen:
     if args.memory_budget:
         cmd += ["--memory-budget", args.memory_budget]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"memlm serve did not start:\n{log.read_text()}")
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}/health", str(log), 600, poll_s=0.2)
+    except RuntimeError:
+        raise SystemExit(f"memlm serve did not start:\n{log.read_text()}") from None
+    return proc
 
 
 def samples(out_dir: Path, task: str) -> list[dict]:
@@ -106,9 +100,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="memlm-lmeval-"))
     mc, gen = make_docs(args.docs)
     write_tasks(work, mc, gen)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = serve(args, port, work / "serve.log")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     url = f"http://127.0.0.1:{port}/v1"

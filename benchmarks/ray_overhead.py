@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,12 +25,7 @@ import threading
 import time
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_load_servers import free_port, wait_healthy
 
 
 def start(flags: list[str], port: int, log_path: str, env: dict,
@@ -39,18 +33,11 @@ def start(flags: list[str], port: int, log_path: str, env: dict,
     log = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "memlm", "serve", "--port", str(port), *flags],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"server not healthy after {timeout} s; see {log_path}")
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}/health", log_path, timeout)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
+    return proc
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -32,6 +32,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, log_name: str, timeout: float = STARTUP_TIMEOUT_S,
+                 poll_s: float = 0.5) -> float:
+    """Poll `url` until it answers 200 (seconds waited); RuntimeError naming `log_name` if the
+    process exits first or `timeout` passes (the process is killed then)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log_name}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    proc.kill()
+    raise RuntimeError(f"server not ready after {timeout:.0f} s; see {log_name}")
+
+
 class Server:
     """One server subprocess (its own process group) and its RSS sampler."""
 
@@ -81,17 +99,10 @@ class Server:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def wait_ready(self) -> float:
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < STARTUP_TIMEOUT_S:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(self.url(self.health), timeout=2).status_code == 200:
-                    return time.perf_counter() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} not ready after {STARTUP_TIMEOUT_S} s; see {self.log.name}")
+        try:
+            return wait_healthy(self.proc, self.url(self.health), self.log.name)
+        except RuntimeError as e:
+            raise RuntimeError(f"{self.name}: {e}") from None
 
     def stop(self) -> None:
         self._stop.set()

@@ -85,3 +85,14 @@ def test_many_rows_multiply_bf16_tiles_of_the_exact_weights(monkeypatch, codec, 
     assert y.shape == (m, n) and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), expected, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(y.double(), x.double() @ w.double().t(), rtol=0.05, atol=0.05 * k ** 0.5)
+
+
+def test_warm_up_runs_one_full_and_one_partial_tile_not_the_whole_weight(monkeypatch):
+    """gemv.warm_up makes the tile shapes of an m-row block_matmul with weights of at most one tile:
+    warming the LM head at 2048 rows must not allocate its (2048, N) output before the plan exists."""
+    monkeypatch.setattr(gemv, "TILE_ELEMENTS", 5 * 64)          # 5 rows of K=64 per tile
+    held = gemv.quantize(torch.randn(23, 64), "q8_0")           # 4 full tiles + 3 rows
+    seen = []
+    monkeypatch.setattr(gemv, "block_matmul", lambda x, w, exact=False: seen.append((x.shape, w.out_features)))
+    gemv.warm_up(held, 40)
+    assert sorted(seen) == [((40, 64), 3), ((40, 64), 5)]

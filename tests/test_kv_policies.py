@@ -139,8 +139,12 @@ def _engine(loaded, **kw):
 
 
 def _run(eng, prompts, **params):
-    reqs = [Request(f"r{i}", None, p, SamplingParams(temperature=0, ignore_eos=True, **params),
-                    ef.ByteTokenizer()) for i, p in enumerate(prompts)]
+    return _drive(eng, [Request(f"r{i}", None, p, SamplingParams(temperature=0, ignore_eos=True, **params),
+                                ef.ByteTokenizer()) for i, p in enumerate(prompts)])
+
+
+def _drive(eng, reqs):
+    """Add `reqs` and step `eng` until they finish: (reqs, the peak of KV blocks in use)."""
     for r in reqs:
         eng.add_request(r)
     peak = 0
@@ -253,12 +257,7 @@ def test_pool_pressure_shrinks_an_evicting_sequence_before_preempting(loaded):
                 Request("snap", None, list(range(1, 21)), SamplingParams(
                     temperature=0, ignore_eos=True, max_tokens=30, kv_policy="snap", kv_sinks=1,
                     kv_window=2, kv_budget=8), ef.ByteTokenizer())]
-        for r in reqs:
-            eng.add_request(r)
-        peak = 0
-        while eng.has_unfinished():
-            eng.step()
-            peak = max(peak, eng.kv.num_used_blocks)
+        _, peak = _drive(eng, reqs)
         assert [len(r.sequences[0].output_token_ids) for r in reqs] == [40, 30]
         return eng.scheduler, peak
     roomy, peak = run(20)

@@ -192,6 +192,18 @@ def _tiled_bf16_matmul(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
     return y
 
 
+def warm_up(weight: BlockWeight, m: int) -> None:
+    """Create the per-shape state `block_matmul` of `m` rows needs (oneDNN's, for the bf16 tiles)
+    without its (m, N) output: the tiles' shapes depend only on the tile height, so one full tile
+    and the last partial one, each run as a weight of its own, make them all. (The whole LM head
+    at 2048 rows would be a 400 MB output, outside the budget, before the plan exists.)"""
+    kp, n = weight.padded_in, weight.out_features
+    rows = max(1, min(n, TILE_ELEMENTS // kp))
+    x = torch.zeros(m, kp)
+    for r in sorted({rows, n % rows} - {0}):
+        block_matmul(x, BlockWeight(weight.blocks[:r], weight.codec, weight.in_features, r))
+
+
 def stream_read_gbps(n_bytes: int = 1 << 29, repeats: int = 5) -> float:
     """Best-of-`repeats` read bandwidth (GB/s) summing an `n_bytes` fp32 array on all threads
     (native), or torch's sum without it: the ceiling a bandwidth-bound decode step can reach."""

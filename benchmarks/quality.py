@@ -37,6 +37,8 @@ SETTINGS = [  # (label, weight dtype[:int4 group size], kv_dtype, MEMLM_NATIVE)
     ("int4 g32 = the file's Q4_1/Q8_0 blocks kept (torch), fp32 KV", "int4:32", "float32", "0"),
     ("int4 weights g128 (requantized), fp32 KV", "int4:128", "float32", "1"),
     ("int4 g32 blocks kept (native), fp16 KV", "int4:32", "float16", "1"),
+    # 128-token steps with the 8-bit path off: bf16 tiles of W instead of the blocked 8-bit GEMM
+    ("int4 g32 blocks kept (native), 8-bit activations off (bf16 tiles), fp32 KV", "int4:32", "float32", "1:int8act=0"),
     # 8-token steps: every matmul but the head takes the decode kernels (rows <= 8), with 8-bit
     # activations per block of 32 (AVX-512 VNNI) and without (fp32 activations)
     ("int4 g32 blocks kept, 8-token steps, 8-bit activations, fp32 KV", "int4:32@8", "float32", "1"),

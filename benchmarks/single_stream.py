@@ -21,8 +21,9 @@ memlm runs with `--memory-budget` (default 1GiB), a KV pool capped at 32 blocks 
 room for the prompt and the reply), like a llama.cpp context of 512, and steps of at most
 `--batch-tokens` (512) tokens, like llama-cpp-python's n_batch: the engine's start-up profile
 of its largest step is most of the peak RSS (2048-token steps: +144 MiB measured).
-`--min-budget` bisects, per memlm weight dtype, the smallest `--memory-budget` (to 16 MiB)
-with which `memlm generate --chat` completes a short reply.
+`--min-budget` bisects, for `--weight-dtype auto` (the file's Q4_1 blocks) and each memlm weight
+dtype listed, the smallest `--memory-budget` (to 16 MiB) with which `memlm generate --chat`
+completes a short reply (a small budget runs smaller steps: `memlm/engine/config.step_candidates`).
 """
 from __future__ import annotations
 
@@ -255,13 +256,16 @@ def main() -> None:
     for ours, theirs in PAIRS:
         if ours in names and theirs in names:
             ratio(ours, theirs)
-    if args.min_budget:
+    if args.min_budget:     # auto: the embedded file's own Q4_1 blocks; then each memlm dtype listed
+        todo = {"auto": ("auto", None)}
         for name in names:
             kind, weight_dtype, group = ENGINES[name]
-            if kind == "memlm":
-                found = min_budget(weight_dtype, group)
-                print(f"  smallest budget completing a chat reply, {name}: "
-                      f"{f'{found} MiB' if found else 'over 2048 MiB'}", flush=True)
+            if kind == "memlm" and not isinstance(group, str):
+                todo.setdefault(name, (weight_dtype, group))
+        for name, (weight_dtype, group) in todo.items():
+            found = min_budget(weight_dtype, group)
+            print(f"  smallest budget completing a chat reply, {name}: "
+                  f"{f'{found} MiB' if found else 'over 2048 MiB'}", flush=True)
 
 
 if __name__ == "__main__":

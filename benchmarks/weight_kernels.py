@@ -2,10 +2,15 @@
 vs torch's int4 / int8 weight-only kernels and bf16 / fp32 matmuls, on SmolLM2-135M's
 projection shapes, for 1..64 activation rows; plus the measured streaming read bandwidth and
 the fraction of it a batch-1 decode step's weight reads reach. "native" is the fp32-activation
-block kernel (csrc/gemv_q.c), "native x8" the 8-bit-activation one (csrc/decode_q.c, AVX-512
-VNNI; the per-token total uses it where `gemv.int8_activations()` holds, as the model does).
+block kernel (csrc/gemv_q.c), "native x8" the 8-bit-activation path (csrc/decode_q.c below
+`gemv.GEMM_MIN_ROWS` rows, csrc/gemm_q.c from there on; AVX-512 VNNI; the per-token total uses it where `gemv.int8_activations()` holds, as the model does).
+Then the batched table (`--batch-rows`, prefill chunks and large decode batches): the blocked
+8-bit GEMM (csrc/gemm_q.c) vs the bf16-tile path (W dequantized to bf16 tiles for torch's bf16
+GEMM) on the same Q4_1 blocks vs the bf16 method's own matmul (its oneDNN-prepacked bf16 weight,
+rows padded to `row_bucket`), each from an fp32 x as the model passes it; the head in Q8_0.
 
     python benchmarks/weight_kernels.py [--threads 2] [--rows 1,2,4,8,16,64]
+    python benchmarks/weight_kernels.py --rows none --batch-rows 8,16,32,64,128,512,2048
 
 Each cell is the best of `--repeats` timed runs of one call (Python overhead included, as the
 model pays it). Ratios are within this run only: the machine may be shared.
@@ -27,10 +32,72 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default="1,2,4,8,16,64")
+    ap.add_argument("--batch-rows", default="8,16,32,64,128,512,2048")
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))   # memlm's kernels (loaded later)
     from memlm.kernels import gemv, quant
+    if args.rows != "none":
+        decode_table(args, gemv, quant)
+    if args.batch_rows != "none":
+        batched_table(args, gemv)
+
+
+def batched_table(args, gemv) -> None:
+    """gemm_q.c vs bf16 tiles vs the bf16 method's prepacked matmul, per shape and row count."""
+    from memlm.kernels.cpu import row_bucket
+    from memlm.models.linear.bf16 import prepack
+    import torch.nn.functional as F
+
+    def path(name: str, x, w):
+        os.environ["MEMLM_INT8_ACTIVATIONS"] = "1" if name == "gemm" else "0"
+        return gemv.block_matmul(x, w)
+
+    def bf16_method(x, wb, packed):
+        xb = x.to(torch.bfloat16)
+        xb = F.pad(xb, (0, 0, 0, row_bucket(x.shape[0]) - x.shape[0]))
+        y = (F.linear(xb, wb) if packed is None
+             else torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], ""))
+        return y[:x.shape[0]].float()
+
+    def qmatmul(x, w):
+        y = torch.empty(x.shape[0], w.out_features)
+        gemv.DECODE_LIBRARY.lib.qmatmul(gemv.GGML_TYPE_IDS[w.codec], w.blocks.data_ptr(), x.data_ptr(),
+                                        y.data_ptr(), x.shape[0], w.out_features, w.padded_in)
+        return y
+
+    print(f"# batched: 8-bit blocked GEMM (gemm_q.c) vs bf16 tiles of the same blocks vs the bf16 "
+          f"method's prepacked bf16 matmul; {args.threads} threads, best of {args.repeats}; "
+          f"int8 GEMM built: {gemv.GEMM_LIBRARY.lib is not None}, VNNI: {gemv.int8_activations()}")
+    print("| shape | rows | gemm_q us | decode_q qmatmul us | bf16 tiles us | bf16 method us | "
+          "qmatmul / gemm | tiles / gemm | bf16 / gemm |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    saved = os.environ.get("MEMLM_INT8_ACTIVATIONS")
+    for name, n, k, _ in SHAPES:
+        w = torch.randn(n, k) * 0.05
+        held = gemv.quantize(w, "q8_0" if name == "head" else "q4_1")
+        wb = w.to(torch.bfloat16)
+        packed = prepack(wb)
+        for m in [int(r) for r in args.batch_rows.split(",")]:
+            if name == "head" and m > 512:
+                continue                         # a (2048, 49152) output: never a model's step
+            x = torch.randn(m, k)
+            cells = [("gemm", lambda: path("gemm", x, held)), ("tiles", lambda: path("tiles", x, held)),
+                     ("bf16", lambda: bf16_method(x, wb, packed))]
+            if m <= 16 and gemv.DECODE_LIBRARY.lib is not None:
+                cells.append(("qmatmul", lambda: qmatmul(x, held)))
+            t = {label: timed(fn, args.repeats) for label, fn in cells}
+            q = (f"{t['qmatmul'] * 1e6:.1f}", f"{t['qmatmul'] / t['gemm']:.2f}x") if "qmatmul" in t else ("-", "-")
+            print(f"| {name} {n}x{k} {held.codec} | {m} | {t['gemm'] * 1e6:.1f} | {q[0]} | {t['tiles'] * 1e6:.1f} | "
+                  f"{t['bf16'] * 1e6:.1f} | {q[1]} | {t['tiles'] / t['gemm']:.2f}x | {t['bf16'] / t['gemm']:.2f}x |")
+    if saved is None:
+        os.environ.pop("MEMLM_INT8_ACTIVATIONS", None)
+    else:
+        os.environ["MEMLM_INT8_ACTIVATIONS"] = saved
+
+
+def decode_table(args, gemv, quant) -> None:
 
     print(f"# native kernel available: {gemv.available()}, {args.threads} threads")
     gbps = gemv.stream_read_gbps()

@@ -86,8 +86,8 @@ def test_slots_show_running_and_waiting_requests(llm):
     """Engine-level: one entry per request, blocks counted once per request."""
     engine, proc = llm.engine, llm.processor
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    reqs = [proc.make_request(proc.prompt({"prompt_token_ids": list(range(1, 1 + 20 * (i + 1)))}, i), sp)
-            for i in range(6)]           # 4 run (max_num_seqs), 2 wait
+    reqs = [proc.make_request(proc.prompt({"prompt_token_ids": [1 + i] + list(range(1, 20 * (i + 1)))}, i), sp)
+            for i in range(6)]   # 4 run (max_num_seqs), 2 wait; no shared prefix to wait on
     for r in reqs:
         engine.add_request(r)
     try:

@@ -75,6 +75,7 @@ def test_many_rows_multiply_bf16_tiles_of_the_exact_weights(monkeypatch, codec, 
     if not gemv.available():
         pytest.skip("no C compiler / MEMLM_NATIVE=0")
     monkeypatch.setattr(gemv, "_bf16_gemm_is_fast", lambda: True)
+    monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "0")      # else the 8-bit GEMM (test_kernels_gemm_q)
     monkeypatch.setattr(gemv, "TILE_ELEMENTS", 3 * (-(-k // gemv.QK) * gemv.QK))
     torch.manual_seed(n + k + m)
     held = gemv.quantize(torch.randn(n, k), codec)
@@ -93,6 +94,13 @@ def test_warm_up_runs_one_full_and_one_partial_tile_not_the_whole_weight(monkeyp
     monkeypatch.setattr(gemv, "TILE_ELEMENTS", 5 * 64)          # 5 rows of K=64 per tile
     held = gemv.quantize(torch.randn(23, 64), "q8_0")           # 4 full tiles + 3 rows
     seen = []
-    monkeypatch.setattr(gemv, "block_matmul", lambda x, w, exact=False: seen.append((x.shape, w.out_features)))
+    monkeypatch.setattr(gemv, "block_matmul", lambda x, w, exact=False: seen.append((x.shape, w.out_features, exact)))
+    gemv.warm_up(held, 40, exact=True)                          # the LM head: bf16 tiles at 40 rows
+    assert sorted(seen) == [((40, 64), 3, True), ((40, 64), 5, True)]
+    seen.clear()
+    monkeypatch.setattr(gemv, "int8_gemm", lambda: True)        # projections on the 8-bit GEMM: no state
     gemv.warm_up(held, 40)
-    assert sorted(seen) == [((40, 64), 3), ((40, 64), 5)]
+    assert seen == []
+    monkeypatch.setattr(gemv, "int8_gemm", lambda: False)       # ... and without it, tiles again
+    gemv.warm_up(held, 40)
+    assert sorted(seen) == [((40, 64), 3, False), ((40, 64), 5, False)]

@@ -189,6 +189,33 @@ def test_kivi_kernel_batches_sequences_of_mixed_lengths():
                                attention_kivi.decode_attention_reference(*args), rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["int4", "int2"])
+def test_kivi_mass_from_the_kernel_equals_the_reference_and_the_gathered_softmax(name):
+    st = KVStore((0,), 16, 16, 2, 64, name, window_stages=4)
+    tables = torch.tensor([[0, 1, 2], [3, 4, 0], [5, 0, 0]])
+    lens = torch.tensor([40, 32, 3])                       # partial (staged) and whole blocks
+    for b, L in enumerate(lens.tolist()):
+        slots = (tables[b, :, None] * 16 + torch.arange(16)).flatten()[:L]
+        st.write(0, slots, randn(L, 2, 64, seed=b), randn(L, 2, 64, seed=b + 10))
+    q = randn(3, 8, 64, seed=4)
+    c, w = st.codec, st.window
+    args = (q, c.codes[0, 0], c.codes[0, 1], c.key_params(0), c.v_params[0, 0], w.kv[0, 0], w.kv[0, 1],
+            w.stage_of_block, tables, lens, 16, c.bits, c.group)
+    want = torch.ones(3, 2, 48)                            # mass accumulates
+    out = attention_kivi.decode_attention_reference(*args, mass=want)
+    keys, _ = st.gather_kv(0, tables)                      # (B, nkv, 48, hd), decoded
+    for b, L in enumerate(lens.tolist()):
+        p = torch.softmax(q[b].view(2, 4, 64) @ keys[b, :, :L].transpose(1, 2) / 8, -1)   # (nkv, 4, L)
+        torch.testing.assert_close(want[b, :, :L] - 1, p.sum(1), rtol=1e-5, atol=1e-6)
+        assert bool((want[b, :, L:] == 1).all())           # nothing past a sequence's length
+    if attention_kivi.available():
+        got = torch.ones(3, 2, 48)
+        torch.testing.assert_close(attention_kivi.decode_attention(*args, mass=got), out, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-6)
+        with pytest.raises(ValueError, match="mass must be a contiguous fp32"):
+            attention_kivi.decode_attention(*args, mass=torch.zeros(3, 2, 16))
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return ef.tiny_loaded(ef.llama_config(hidden_size=128, num_heads=4, num_kv_heads=2), seed=3)

@@ -41,3 +41,28 @@ def test_plan_refuses_with_the_size_to_ask_for():
 def test_unbudgeted_plan_describes_itself():
     plan = MemoryPlan(block_size=16, block_bytes=MiB, num_blocks=4, kv_dtype="fp32")
     assert plan.trim_above is None and "no budget" in plan.describe()
+
+
+def test_min_budget_is_exactly_the_smallest_that_plans():
+    """The size the refusal names holds the minimal pool; one byte less does not (the margin
+    grows with the budget, so it is solved for, not added)."""
+    from memlm.memory.plan import MIN_KV_TOKENS, min_budget
+    prof = StepProfile(matmul_state=0, workspace=30 * MiB, left_resident=5 * MiB, resident_after=250 * MiB)
+    kv = -(-MIN_KV_TOKENS // 16) * MiB // 8
+    need = min_budget(prof, kv)
+    fits = MemoryBudget(total=need, baseline=150 * MiB)
+    assert plan_memory(fits, prof, 0, MiB // 8, 16, "fp16").num_blocks >= MIN_KV_TOKENS // 16
+    with pytest.raises(OutOfBudgetError, match=r"use --memory-budget \d+MiB$"):
+        plan_memory(MemoryBudget(total=need - 2 * MiB, baseline=150 * MiB), prof, 0, MiB // 8, 16, "fp16")
+
+
+def test_fit_step_keeps_the_configured_step_when_it_fits_and_falls_to_the_floor():
+    from memlm.engine.config import step_candidates
+    from memlm.memory.plan import fit_step
+    cands = step_candidates(2048, 128)
+    assert cands == [(2048, 128), (1024, 64), (512, 32), (256, 16), (128, 8), (64, 4)]
+    assert step_candidates(2048, 1)[-1] == (64, 1) and step_candidates(64, 4) == [(64, 4)]
+    cost = lambda t, s: t * MiB // 8          # noqa: E731  (1 MiB per 8 tokens)
+    assert fit_step(10**12, cands, cost) == (2048, 128)
+    assert fit_step(100 * MiB, cands, cost) == (512, 32)
+    assert fit_step(1, cands, cost) == (64, 4)

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from memlm.distributed.fed_server import check_server_optimizer
 from memlm.errors import MemlmError
 from memlm.training.data import Document, load_corpus, split_documents
 
-STRATEGIES = ("fedavg", "feddf")
+STRATEGIES = ("fedavg", "feddf", "fedavgm", "fedadam")
+CLIENT_OPTIMIZERS = ("adamw", "sgd")
+DEFAULT_SERVER_LR = {"fedavg": 1.0, "feddf": 1e-3, "fedavgm": 1.0, "fedadam": 5e-3}
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class FedConfig:
     clients: int = 4
     rounds: int = 5
     corpus: str = "shakespeare"
-    strategy: str = "fedavg"          # fedavg | feddf
+    strategy: str = "fedavg"          # fedavg | feddf | fedavgm | fedadam
     docs_per_client: int = 1          # whole documents (plays, books) each client holds
     public_docs: int = 1              # documents in the public shard (no client holds them)
     student: str = "layers=2,hidden=64,heads=2,kv_heads=1"
@@ -39,14 +42,19 @@ class FedConfig:
     local_steps: int = 20
     batch_size: int = 8
     seq_len: int = 64
-    lr: float = 3e-3
+    lr: float = 3e-3                  # the client optimizer's learning rate
+    client_optimizer: str = "adamw"   # adamw | sgd (sgd: the client sends lr x its summed gradients)
     keep_optimizer: bool = True       # clients keep their AdamW moments across rounds (own state)
     server_steps: int = 20            # feddf: ensemble-distillation steps per round
-    server_lr: float = 1e-3
+    server_lr: float | None = None    # None: DEFAULT_SERVER_LR[strategy] (feddf: its distillation lr)
+    server_momentum: float = 0.9      # fedavgm: momentum; fedadam: beta1
+    server_beta2: float = 0.95        # fedadam: second-moment decay
+    server_tau: float = 1e-7          # fedadam: adaptivity (added to sqrt(v))
     temperature: float = 1.0
     teacher: str | None = None        # clients distill this model on their own text (its tokenizer)
     alpha: float = 1.0                # weight of the teacher KL on clients
     eval_tokens: int = 16384          # held-out tokens scored after each round
+    eval_every: int = 1               # score every N rounds (and always after the last)
     seed: int = 0
     threads_per_client: int = 1
     out: str | None = None            # save the global student (a model dir) here
@@ -55,13 +63,31 @@ class FedConfig:
         if self.strategy not in STRATEGIES:
             raise MemlmError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         for name in ("clients", "rounds", "docs_per_client", "public_docs", "vocab_size", "local_steps",
-                     "batch_size", "seq_len", "eval_tokens", "threads_per_client"):
+                     "batch_size", "seq_len", "eval_tokens", "eval_every", "threads_per_client"):
             if getattr(self, name) <= 0:
                 raise MemlmError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.strategy == "feddf" and self.server_steps <= 0:
             raise MemlmError(f"--server-steps must be positive with --strategy feddf, got {self.server_steps}")
-        if min(self.lr, self.server_lr, self.temperature) <= 0:
-            raise MemlmError("--lr, --server-lr and --temperature must be positive")
+        if self.client_optimizer not in CLIENT_OPTIMIZERS:
+            raise MemlmError(f"--client-optimizer must be one of {', '.join(CLIENT_OPTIMIZERS)}, "
+                             f"got {self.client_optimizer!r}")
+        if min(self.lr, self.temperature) <= 0:
+            raise MemlmError(f"--lr and --temperature must be positive, got {self.lr} and {self.temperature}")
+        if self.strategy == "fedavg" and self.server_lr is not None:
+            raise MemlmError("--server-lr does nothing with --strategy fedavg: use fedavgm (--server-momentum 0 "
+                             "for a plain scaled step), fedadam or feddf")
+        check_server_optimizer(self.server_optimizer, self.server_learning_rate, self.server_momentum,
+                               self.server_beta2, self.server_tau)
+
+    @property
+    def server_learning_rate(self) -> float:
+        """--server-lr, or the strategy's default (fedavgm/fedadam: the server step; feddf: distillation)."""
+        return DEFAULT_SERVER_LR[self.strategy] if self.server_lr is None else self.server_lr
+
+    @property
+    def server_optimizer(self) -> str:
+        """The server's step on the clients' mean: fedavgm/fedadam, else plain FedAvg (feddf too)."""
+        return self.strategy if self.strategy in ("fedavgm", "fedadam") else "fedavg"
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def _load_flat_optimizer_state(optimizer, flat: dict[str, torch.Tensor]) -> None
 
 def local_update(model, tokens: np.ndarray, cfg: LocalConfig, *, seed: int, step_offset: int = 0,
                  steps: int | None = None, teacher=None, alpha: float = 1.0,
-                 optimizer_state: dict[str, torch.Tensor] | None = None) -> dict:
+                 optimizer_state: dict[str, torch.Tensor] | None = None, optimizer: str = "adamw") -> dict:
     """Train `model` in place on `tokens`; with `teacher`, distill it (KL + CE) on the same windows.
 
     optimizer_state: AdamW moments this client kept from its previous round (None: fresh). We
@@ -82,6 +82,11 @@ def local_update(model, tokens: np.ndarray, cfg: LocalConfig, *, seed: int, step
         batches = _Offset(LiveTeacherBatches(sampler, teacher), step_offset)
         objective = DistillObjective(DistillConfig(alpha=alpha, beta=1.0))
     trainer = Trainer(model, loop, batches, objective=objective)
+    if optimizer == "sgd":               # plain SGD: the client sends lr x (sum of its clipped gradients)
+        trainer.optimizer = torch.optim.SGD([p for g in trainer.optimizer.param_groups for p in g["params"]],
+                                            lr=cfg.lr)
+    elif optimizer != "adamw":
+        raise ValueError(f"client optimizer must be adamw or sgd, got {optimizer!r}")
     if optimizer_state:
         _load_flat_optimizer_state(trainer.optimizer, optimizer_state)
     losses = [trainer.train_step()["loss"] for _ in range(loop.steps)]

@@ -11,6 +11,8 @@ learning itself (`fed_train.py`) or who holds which documents (`fed_data.py`).
     client k --reply: {"arrays": its student (float tensors, the global's names and shapes),
                        "metrics": num-examples, train-loss}--> server
     fedavg: global = mean of the students weighted by num-examples
+    fedavgm / fedadam: global takes a server-optimizer step on (mean - global), with momentum /
+            moments the server keeps across rounds (`fed_server.py`, Reddi et al. 2021)
     feddf:  global = that mean, then distilled on the public shard from the students' averaged
             logits (the server holds the students it received; no client computes anything more)
 
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from memlm.distributed.fed_data import FedConfig, Partition, corpus_partition, public_tokenizer, tokenize
+from memlm.distributed.fed_server import ServerOptimizer
 from memlm.distributed.fed_train import LocalConfig, ensemble_distill, fedavg, heldout_loss, local_update
 from memlm.errors import MemlmError
 
@@ -41,7 +44,7 @@ except ImportError:                                        # pragma: no cover - 
     ClientApp = ServerApp = None
 
 REPLY_RECORDS = {"arrays": "ArrayRecord", "metrics": "MetricRecord"}
-OPTIMIZER_STATE = "memlm.optimizer"   # a client's AdamW moments, in its own Context.state (never sent)
+OPTIMIZER_STATE = "memlm.optimizer"   # a client's optimizer state (AdamW moments), in its own Context.state (never sent)
 NODE_WAIT_S = 120.0              # how long the server waits for the simulated clients to register
 
 
@@ -56,11 +59,16 @@ class FedResult:
     config: dict
     rounds: list[dict] = field(default_factory=list)
     audit: list[dict] = field(default_factory=list)      # one entry per array/metric a client sent
-    wall_s: float = 0.0
+    wall_s: float = 0.0                                  # this run's rounds (server side)
+    simulation_s: float = 0.0                            # the whole simulation: Ray, clients, every run
 
     @property
     def final_loss(self) -> float:
-        return self.rounds[-1]["heldout_loss"] if self.rounds else math.nan
+        return self.rounds[-1].get("heldout_loss", math.nan) if self.rounds else math.nan
+
+    def curve(self) -> list[tuple[int, float]]:
+        """(round, held-out loss) for every scored round (round 0 = the initial student)."""
+        return [(r["round"], r["heldout_loss"]) for r in self.rounds if "heldout_loss" in r]
 
     @property
     def final_ppl(self) -> float:
@@ -94,9 +102,20 @@ def audit_reply(content, expected: dict[str, tuple]) -> list[dict]:
     return log
 
 
-def _local(cfg: FedConfig) -> LocalConfig:
-    return LocalConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
-                       seed=cfg.seed)
+# what a client needs to know about its local update; the server sends it with every round, so
+# one simulation can serve several runs (`run_federated_series`) with different client recipes
+RECIPE = ("local_steps", "batch_size", "seq_len", "lr", "client_optimizer", "keep_optimizer", "alpha")
+# what every run of one simulation must share: who holds which text, and the clients' processes
+CLIENT_DATA = ("clients", "corpus", "docs_per_client", "public_docs", "teacher", "seed", "threads_per_client")
+
+
+def _recipe(cfg: FedConfig, run: int) -> str:
+    return json.dumps({"run": run, **{k: getattr(cfg, k) for k in RECIPE}})
+
+
+def _local(recipe: dict, seed: int) -> LocalConfig:
+    return LocalConfig(steps=recipe["local_steps"], batch_size=recipe["batch_size"], seq_len=recipe["seq_len"],
+                       lr=recipe["lr"], seed=seed)
 
 
 def initial_student(cfg: FedConfig, tok):
@@ -154,14 +173,18 @@ def make_client_app(cfg: FedConfig):
         tokens, teacher = _client_tokens(cfg, pid, str(conf["tokenizer"]))
         model = Transformer(ModelConfig.from_dict(json.loads(str(conf["model"]))))
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        r = int(conf["round"])
+        r, recipe = int(conf["round"]), json.loads(str(conf["recipe"]))
+        key = f"{OPTIMIZER_STATE}.{recipe['run']}"                # this run's state; an earlier run's is dropped
+        for stale in [k for k in context.state.keys() if k.startswith(OPTIMIZER_STATE) and k != key]:
+            del context.state[stale]
         kept = None
-        if cfg.keep_optimizer and OPTIMIZER_STATE in context.state:     # stays in this client's context
-            kept = context.state[OPTIMIZER_STATE].to_torch_state_dict()
-        stats = local_update(model, tokens, _local(cfg), seed=cfg.seed * 1000 + pid, step_offset=r * cfg.local_steps,
-                             teacher=teacher, alpha=cfg.alpha, optimizer_state=kept)
-        if cfg.keep_optimizer:
-            context.state[OPTIMIZER_STATE] = ArrayRecord(torch_state_dict=stats["optimizer_state"])
+        if recipe["keep_optimizer"] and key in context.state:           # stays in this client's context
+            kept = context.state[key].to_torch_state_dict()
+        stats = local_update(model, tokens, _local(recipe, cfg.seed), seed=cfg.seed * 1000 + pid,
+                             step_offset=r * recipe["local_steps"], teacher=teacher, alpha=recipe["alpha"],
+                             optimizer_state=kept, optimizer=recipe["client_optimizer"])
+        if recipe["keep_optimizer"]:
+            context.state[key] = ArrayRecord(torch_state_dict=stats["optimizer_state"])
         reply = RecordDict({"arrays": ArrayRecord(torch_state_dict=model.state_dict()),
                             "metrics": MetricRecord({"num-examples": int(stats["tokens"]),
                                                      "train-loss": float(stats["loss"]),
@@ -183,8 +206,8 @@ def _wait_for_nodes(grid, n: int) -> list[int]:
 class _Server:
     """The server's state across rounds: the global student, its tokenizer, public and held-out tokens."""
 
-    def __init__(self, cfg: FedConfig, part: Partition, result: FedResult):
-        self.cfg, self.result = cfg, result
+    def __init__(self, cfg: FedConfig, part: Partition, result: FedResult, run: int = 0):
+        self.cfg, self.result, self.recipe = cfg, result, _recipe(cfg, run)
         if cfg.teacher:
             _, self.tok = _load_teacher(cfg.teacher)
             from memlm.training.checkpoint import _backend
@@ -196,11 +219,14 @@ class _Server:
         self.public = tokenize(part.public, self.tok)
         self.heldout = tokenize(part.heldout, self.tok)
         self.expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate, cfg.server_momentum,
+                                         cfg.server_beta2, cfg.server_tau)
 
     def round(self, grid, nodes: list[int], r: int) -> None:
         from memlm.models import Transformer
         cfg = self.cfg
-        config = ConfigRecord({"round": r, "model": json.dumps(self.model.cfg.to_dict()), "tokenizer": self.tok_json})
+        config = ConfigRecord({"round": r, "model": json.dumps(self.model.cfg.to_dict()), "tokenizer": self.tok_json,
+                               "recipe": self.recipe})
         msgs = [Message(RecordDict({"arrays": ArrayRecord(torch_state_dict=self.model.state_dict()),
                                     "config": config}), dst_node_id=n, message_type="train") for n in nodes]
         replies = list(grid.send_and_receive(msgs))
@@ -217,8 +243,11 @@ class _Server:
                             "optimizer_kept": bool(metrics.get("optimizer-kept", 0))})
         if len(states) != len(nodes):
             raise MemlmError(f"round {r}: {len(states)} of {len(nodes)} clients answered")
-        self.model.load_state_dict(fedavg(states, weights))
-        info = {"round": r + 1, "clients": clients}
+        step = self.optimizer.step(self.model.state_dict(), fedavg(states, weights))
+        self.model.load_state_dict(step["state"])
+        info = {"round": r + 1, "clients": clients, "delta_norm": step["delta_norm"], "step_norm": step["step_norm"],
+                **self.optimizer.state_summary()}
+        last = r + 1 == cfg.rounds
         if cfg.strategy == "feddf":
             info["fedavg_heldout_loss"] = self._score()
             ensemble = []
@@ -226,33 +255,39 @@ class _Server:
                 m = Transformer(self.model.cfg)
                 m.load_state_dict(sd)
                 ensemble.append(m.eval())
-            server_cfg = LocalConfig(batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.server_lr, seed=cfg.seed)
+            server_cfg = LocalConfig(batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.server_learning_rate,
+                                     seed=cfg.seed)
             info.update(ensemble_distill(self.model, ensemble, self.public, server_cfg, steps=cfg.server_steps,
                                          seed=cfg.seed + 7, step_offset=r * cfg.server_steps,
                                          temperature=cfg.temperature))
-        info["heldout_loss"] = self._score()
+        if last or (r + 1) % cfg.eval_every == 0 or cfg.strategy == "feddf":
+            info["heldout_loss"] = self._score()
         self.result.rounds.append(info)
 
     def _score(self) -> float:
         return heldout_loss(self.model, self.heldout, self.cfg.seq_len, self.cfg.eval_tokens)
 
 
-def make_server_app(cfg: FedConfig, part: Partition, result: FedResult, errors: list):
-    """The ServerApp: R rounds over all K clients; fills `result` (and `errors` if it fails)."""
+def make_server_app(cfgs: list[FedConfig], part: Partition, results: list[FedResult], errors: list):
+    """The ServerApp: for each config in turn, R rounds over all K clients; fills `results` (and
+    `errors` if it fails)."""
     require_flwr()
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            server = _Server(cfg, part, result)
-            result.rounds.append({"round": 0, "heldout_loss": server._score()})
-            nodes = _wait_for_nodes(grid, cfg.clients)
-            for r in range(cfg.rounds):
-                server.round(grid, nodes, r)
-            if cfg.out:
-                from memlm.training.checkpoint import save_model
-                save_model(server.model, cfg.out, server.tok)
+            nodes = _wait_for_nodes(grid, cfgs[0].clients)
+            for run, (cfg, result) in enumerate(zip(cfgs, results)):
+                t0 = time.perf_counter()
+                server = _Server(cfg, part, result, run)
+                result.rounds.append({"round": 0, "heldout_loss": server._score()})
+                for r in range(cfg.rounds):
+                    server.round(grid, nodes, r)
+                if cfg.out:
+                    from memlm.training.checkpoint import save_model
+                    save_model(server.model, cfg.out, server.tok)
+                result.wall_s = time.perf_counter() - t0
         except Exception as e:           # the simulation swallows errors of the server thread: hand it back
             errors.append(e)
 
@@ -266,23 +301,41 @@ def run_federated(cfg: FedConfig, verbose: bool = False) -> FedResult:
     Raises:
         MemlmError: Flower missing, a bad partition, a client failure or a reply that fails the audit.
     """
+    return run_federated_series([cfg], verbose)[0]
+
+
+def run_federated_series(cfgs: list[FedConfig], verbose: bool = False) -> list[FedResult]:
+    """Run several federated runs one after another in ONE Flower simulation (one Ray start, one
+    set of client processes): each run starts from the initial student, with its own strategy and
+    client recipe; a client's kept optimizer state never passes from one run to the next.
+
+    Raises:
+        MemlmError: the runs differ in who holds which text (`CLIENT_DATA`), or as `run_federated`.
+    """
     require_flwr()
     from flwr.simulation import run_simulation
-    part = corpus_partition(cfg)                     # checked here, before Ray starts
-    result, errors = FedResult(config=asdict(cfg)), []
+    if not cfgs:
+        raise MemlmError("run_federated_series needs at least one config")
+    for cfg in cfgs[1:]:
+        if diff := [k for k in CLIENT_DATA if getattr(cfg, k) != getattr(cfgs[0], k)]:
+            raise MemlmError(f"runs of one federated simulation must share {', '.join(diff)}: start a separate run")
+    part = corpus_partition(cfgs[0])                 # checked here, before Ray starts
+    results, errors = [FedResult(config=asdict(c)) for c in cfgs], []
     t0 = time.perf_counter()
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": max(1, min(cfg.clients, _cpus())), "include_dashboard": False,
+               "init_args": {"num_cpus": max(1, min(cfgs[0].clients, _cpus())), "include_dashboard": False,
                              "logging_level": "ERROR" if not verbose else "INFO"}}
-    run_simulation(make_server_app(cfg, part, result, errors), make_client_app(cfg), num_supernodes=cfg.clients,
-                   backend_config=backend, verbose_logging=verbose)
-    result.wall_s = time.perf_counter() - t0
+    run_simulation(make_server_app(cfgs, part, results, errors), make_client_app(cfgs[0]),
+                   num_supernodes=cfgs[0].clients, backend_config=backend, verbose_logging=verbose)
+    total = time.perf_counter() - t0
     if errors:
         e = errors[0]
         raise e if isinstance(e, MemlmError) else MemlmError(f"the federated run failed: {e}")
-    if len(result.rounds) != cfg.rounds + 1:
-        raise MemlmError(f"the federated run stopped after {len(result.rounds) - 1} of {cfg.rounds} rounds")
-    return result
+    for cfg, result in zip(cfgs, results):
+        if len(result.rounds) != cfg.rounds + 1:
+            raise MemlmError(f"the federated run stopped after {len(result.rounds) - 1} of {cfg.rounds} rounds")
+        result.simulation_s = total
+    return results
 
 
 def _cpus() -> int:

@@ -6,7 +6,8 @@ as each sequence's `KVPolicyState`, how many tokens such a sequence may compute 
 the `KVCacheManager` to drop the freed tail blocks (back to the pool at once), and listing the
 slot copies that pack the kept entries (`SlotMoves`, done by the runner before the forward);
 `relieve`: the same when the pool is short, down to the low end of a policy's range, so the
-scheduler preempts nobody while an evicting sequence can still give a block back.
+scheduler preempts nobody while an evicting sequence can still give a block back. Under a
+block KV codec (int4 / int2) window / h2o / snap drop whole table blocks instead (no slot moves).
 Does not know: tensors, the model, or which entries a policy prefers (`kv/policies.py`).
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 
 from memlm.engine.request import Request, Sequence
 from memlm.kv.manager import KVCacheManager
-from memlm.kv.policies import KVPolicySpec, KVPolicyState, compaction_moves, plan_eviction, plan_relief
+from memlm.kv.policies import (BLOCK_POLICIES, KVPolicySpec, KVPolicyState, compaction_moves, plan_block_eviction,
+                               plan_block_relief, plan_eviction, plan_relief)
 
 
 @dataclass
@@ -36,7 +38,9 @@ class PolicyStep:
         kv: the engine's block tables.
         defaults: kv_policy / kv_window / kv_sinks / kv_budget for requests that leave them None.
         rotary: the model's positions are rotary, so a bounded cache can run past its context.
-        per_token_kv: the KV codec stores single tokens (a block codec cannot evict them).
+        per_token_kv: the KV codec stores single tokens; a block codec (int4 / int2) cannot evict
+            them, so there window / h2o / snap evict whole blocks (`kv/policies.plan_block_eviction`)
+            and `sinks` (whose sink keys are re-rotated in place) is refused per request.
     """
 
     def __init__(self, kv: KVCacheManager, defaults, rotary: bool = True, per_token_kv: bool = True):
@@ -53,8 +57,22 @@ class PolicyStep:
         spec = KVPolicySpec.resolve(p.kv_policy or self.defaults.kv_policy, p.kv_window, p.kv_sinks,
                                     p.kv_budget, self.defaults)
         if spec.evicts and not self.per_token_kv:
-            raise ValueError(f"kv_policy={spec.policy} evicts single tokens, which this engine's block "
-                             "KV codec cannot; use kv_dtype fp16, fp32 or int8")
+            bs = self.kv.block_size
+            if spec.policy not in BLOCK_POLICIES:
+                raise ValueError(f"kv_policy={spec.policy} evicts single tokens, which this engine's block "
+                                 "KV codec cannot (it evicts whole blocks: kv_policy window, h2o or snap); "
+                                 "use kv_dtype fp16, fp32 or int8")
+            if spec.policy == "window" and spec.window < 2 * bs:
+                raise ValueError(f"kv_window ({spec.window}) must be at least 2 blocks ({2 * bs} tokens) with "
+                                 "a block KV codec, which evicts whole blocks; raise kv_window")
+            if spec.sinks > bs:
+                raise ValueError(f"kv_sinks ({spec.sinks}) must fit one block ({bs}) with a block KV codec, "
+                                 "which keeps the sinks' whole block; lower kv_sinks")
+            least = 4 * bs if spec.policy == "h2o" else 2 * bs
+            if spec.policy != "window" and spec.budget < least:
+                raise ValueError(f"kv_budget ({spec.budget}) must be at least {least // bs} blocks ({least} "
+                                 f"tokens) for kv_policy={spec.policy} with a block KV codec, which evicts "
+                                 "whole blocks; raise kv_budget")
         if spec.evicts and len(request.sequences) > 1:
             raise ValueError(f"kv_policy={spec.policy} needs n=1 (completions cannot share an evicting cache)")
         for seq in request.sequences:
@@ -91,6 +109,8 @@ class PolicyStep:
         st = seq.kv_state
         if st is None:
             return 0
+        if not self.per_token_kv:
+            return self._drop(seq, plan_block_eviction(st, incoming, self.kv.block_size, seq.num_prompt_tokens))
         kept = plan_eviction(st, incoming, self.kv.block_size, seq.num_prompt_tokens)
         return 0 if kept is None else self._keep(seq, kept, moves)
 
@@ -106,7 +126,13 @@ class PolicyStep:
             st = seq.kv_state
             if st is None:
                 continue
-            kept = plan_relief(st, self.kv.block_size, incoming if seq is current else 0)
+            mine = incoming if seq is current else 0
+            if not self.per_token_kv:
+                if self._drop(seq, plan_block_relief(st, self.kv.block_size, mine)):
+                    self.num_relieved += 1
+                    return True
+                continue
+            kept = plan_relief(st, self.kv.block_size, mine)
             if kept is not None and self._keep(seq, kept, moves):
                 self.num_relieved += 1
                 return True
@@ -121,6 +147,13 @@ class PolicyStep:
             moves.dst.append(table[dst // bs] * bs + dst % bs)
         st.apply(kept)
         return self.kv.evict(seq, len(kept))
+
+    def _drop(self, seq: Sequence, blocks: list[int] | None) -> int:
+        """Drop whole table blocks of `seq` (a block codec's eviction: nothing moves)."""
+        if not blocks:
+            return 0
+        seq.kv_state.drop_blocks(blocks, self.kv.block_size)
+        return self.kv.drop_blocks(seq, blocks)
 
     @staticmethod
     def computed(seq: Sequence, start: int, n: int) -> None:

@@ -8,6 +8,7 @@ policy (scheduler).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from dataclasses import dataclass
@@ -15,14 +16,18 @@ from dataclasses import dataclass
 import torch
 
 from memlm import dtypes
-from memlm.engine.config import EngineConfig
+from memlm.config import format_size
+from memlm.engine.config import EngineConfig, step_candidates
 from memlm.engine.eviction import PolicyStep
 from memlm.engine.request import Request
 from memlm.engine.runner import ModelRunner
 from memlm.engine.config import SchedulerConfig
 from memlm.engine.scheduler import Scheduler
+from memlm.errors import OutOfBudgetError
 from memlm.memory import budget as mem
-from memlm.memory.plan import MemoryPlan, StepProfile, plan_memory
+from memlm.memory import resident
+from memlm.memory.plan import (ALLOCATOR_SLACK, MIN_KV_TOKENS, NEED_STEP, MemoryPlan, StepProfile, fit_step,
+                               min_budget, plan_memory)
 from memlm.kernels import attention as paged_attention
 from memlm.kv.cost import CostModel
 from memlm.kv.manager import KVCacheManager
@@ -110,7 +115,8 @@ class LLMEngine:
             return KVStore.bytes_per_block(len(cfg.attention_depths), config.block_size,
                                            cfg.num_kv_heads, cfg.head_dim, dtype)
         self.kv_dtype = kv_dtype        # canonical name (memlm.dtypes)
-        self.plan = self._plan(budget, max_len, block_bytes(kv_dtype))
+        self.plan = self._plan(budget, max_len, block_bytes(kv_dtype), verbose)
+        config = self.config             # a small budget may have shrunk the step (_fit_step)
         num_blocks = self.plan.num_blocks
         self.kv = KVCacheManager(num_blocks, config.block_size, self._prefix_cache())
         self.runner.store = KVStore(cfg.attention_depths, num_blocks, config.block_size,
@@ -120,7 +126,8 @@ class LLMEngine:
         self.offload = build_offload(model, self.runner.store, self.plan.kv_dtype, self.cost,
                                      self.plan.warm_bytes, config.session_dir, config.disk_budget)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   max_len, admission_headroom=config.admission_headroom),
+                                                   max_len, admission_headroom=config.admission_headroom,
+                                                   prefill_tokens_with_decodes=config.prefill_tokens_with_decodes),
                                    self.kv, can_share_blocks="recurrent" not in cfg.mixers,
                                    offload=self.offload,
                                    policy=PolicyStep(self.kv, config, rotary=cfg.position == "rope",
@@ -148,17 +155,27 @@ class LLMEngine:
                              attention_scale=6.0 * cfg.hidden_size)
         return PrefixCache(self.config.block_size, policy, salt=dtypes.name_of(self.kv_dtype).encode())
 
-    def _plan(self, budget: mem.MemoryBudget | None, max_len: int, block_bytes: int) -> MemoryPlan:
+    def _plan(self, budget: mem.MemoryBudget | None, max_len: int, block_bytes: int,
+              verbose: bool = False) -> MemoryPlan:
         """Size the KV pool: from the budget and a measured profile on CPU, else a fixed share."""
-        config, kv_name = self.config, dtypes.name_of(self.kv_dtype)
-        # Never more than every sequence at full length can use: a big default budget should not
-        # turn into gigabytes of zeroed KV pages nobody can reach.
-        usable = config.max_num_seqs * -(-max_len // config.block_size)
         if budget is not None and self.device.type == "cpu":
-            profile = self._profile(max_len)
-            return plan_memory(budget, profile, self.model.weight_bytes(), block_bytes, config.block_size,
+            dropped = resident.drop_text_pages()       # what the load faulted in: room is exact
+            # An explicit pool bounds every sequence's context, so the profile need not go further.
+            ctx = min(max_len, self.config.num_kv_blocks * self.config.block_size) \
+                if self.config.num_kv_blocks else max_len
+            self._fit_step(budget, ctx, block_bytes, verbose)
+            config, kv_name = self.config, dtypes.name_of(self.kv_dtype)
+            profile = self._profile(ctx)
+            profile = dataclasses.replace(profile, text_dropped=profile.text_dropped + dropped)
+            # Never more than every sequence at full length can use: a big default budget should
+            # not turn into gigabytes of zeroed KV pages nobody can reach.
+            usable = config.max_num_seqs * -(-max_len // config.block_size)
+            plan = plan_memory(budget, profile, self.model.weight_bytes(), block_bytes, config.block_size,
                                kv_name, max_blocks=min(config.num_kv_blocks or usable, usable),
                                warm_fraction=config.warm_fraction, kv_window=self._window_bytes())
+            return dataclasses.replace(plan, step_tokens=config.max_num_batched_tokens,
+                                       step_seqs=config.max_num_seqs)
+        config, kv_name = self.config, dtypes.name_of(self.kv_dtype)
         num_blocks = config.num_kv_blocks
         if num_blocks is None and self.device.type == "cuda":   # GPU memory is not in the RSS budget
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -182,22 +199,62 @@ class LLMEngine:
         return KVStore.window_bytes(len(cfg.attention_depths), self._window_stages(), self.config.block_size,
                                     cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
 
+    def _fit_step(self, budget: mem.MemoryBudget, max_len: int, block_bytes: int, verbose: bool) -> None:
+        """Shrink the step (max_num_batched_tokens, max_num_seqs) when the budget cannot hold the
+        configured one beside a minimal KV cache, down to MIN_NUM_BATCHED_TOKENS, by the runner's
+        estimate (`ModelRunner.estimate_step_bytes`); the profile then measures the chosen step.
+        A budget that holds the configured step keeps it, so large budgets run as before. When
+        not even the smallest step fits, refuse before the warm-up could run over the budget."""
+        config = self.config
+        candidates = step_candidates(config.max_num_batched_tokens, config.max_num_seqs)
+        kv_min = -(-MIN_KV_TOKENS // config.block_size) * block_bytes + self._window_bytes()
+        rss = mem.current_rss()
+        room = budget.total - rss - mem.MIN_MARGIN - int(budget.total * ALLOCATOR_SLACK) - kv_min
+        estimate = lambda t, s: self.runner.estimate_step_bytes(t, s, max_len)  # noqa: E731
+        tokens, seqs = fit_step(room, candidates, estimate)
+        # Refuse here only when the floor step's warm-up and profile could themselves run over
+        # the budget; otherwise the profile measures it and the plan names the measured need
+        # (the estimate is over the measured figure at small steps: 67 vs 53 MiB on SmolLM2).
+        if rss + estimate(tokens, seqs) > budget.total:
+            need = min_budget(StepProfile(0, estimate(tokens, seqs), 0, rss), kv_min)
+            raise OutOfBudgetError(f"memory budget {format_size(budget.total)} cannot hold the model, a "
+                                   f"{tokens}-token step and a minimal KV cache ({MIN_KV_TOKENS} tokens): "
+                                   f"needs about {format_size(need)}; use --memory-budget "
+                                   f"{mem.round_up(need, NEED_STEP)}")
+        if (tokens, seqs) == (config.max_num_batched_tokens, config.max_num_seqs):
+            return
+        self.config = dataclasses.replace(config, max_num_batched_tokens=tokens, max_num_seqs=seqs)
+        if verbose:
+            print(f"memlm: a {format_size(budget.total)} budget cannot hold steps of "
+                  f"{config.max_num_batched_tokens} tokens x {config.max_num_seqs} sequences; running "
+                  f"steps of {tokens} tokens x {seqs}", file=sys.stderr, flush=True)
+
     def _profile(self, max_len: int) -> StepProfile:
-        """Measure the peak of the largest step (vLLM's warm-up profile) and what it leaves."""
+        """Measure the peak of the largest step (vLLM's warm-up profile) and what it leaves.
+
+        Between the warm-up and the profile the clean library code pages are handed back to the
+        page cache (`memory/resident.py`); one unmeasured step then faults back the code a step
+        runs, so the measured steps see it as resident, and only that code is kept."""
         start = mem.current_rss()
         self.runner.warm_up(self.config.max_num_batched_tokens, self.config.max_num_seqs)
         mem.release_free_heap()
-        before = mem.current_rss()
-        mem.reset_peak_rss()
-        for _ in range(2):   # the second step runs on the heap the first one left (as all steps do)
+        warm = mem.current_rss()
+        dropped = resident.drop_text_pages()
+        steps = 3 if dropped else 2   # the first step of three faults the code back in
+        for i in range(steps):
+            if i == steps - 2:        # the last two are measured: the second runs on the heap
+                mem.release_free_heap()   # the first one left (as all steps do)
+                before = mem.current_rss()
+                mem.reset_peak_rss()
             self.runner.profile(self.config.max_num_batched_tokens, self.config.max_num_seqs, max_len,
                                 self.kv_dtype)
         peak = mem.peak_rss()
         mem.release_free_heap()
         after = mem.current_rss()
         # What the steps left behind for good (thread pools, BLAS buffers) is not workspace.
-        return StepProfile(matmul_state=max(0, before - start), workspace=max(0, peak - before),
-                           left_resident=max(0, after - before), resident_after=after)
+        return StepProfile(matmul_state=max(0, warm - start), workspace=max(0, peak - before),
+                           left_resident=max(0, after - before), resident_after=after,
+                           text_dropped=dropped)
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:

@@ -221,6 +221,24 @@ class ModelRunner:
         if self.device.type == "cpu":
             self.model.warm_up(max(num_tokens, num_seqs))
 
+    def estimate_step_bytes(self, num_tokens: int, num_seqs: int, max_model_len: int) -> int:
+        """A prediction, before anything runs, of what `warm_up` + `profile` at this step will
+        hold: the matmul state it leaves, the step's workspace and what it leaves resident.
+
+        Only for choosing a step that fits a small budget (the plan uses the measured figures).
+        Calibrated on SmolLM2 (AMD EPYC, Q4_1 blocks and bf16) against the measured profile
+        at 64..2048 tokens: within -20% .. +40% of it, over more often than under.
+        """
+        cfg = self.model.cfg
+        n_dec = min(num_seqs, max(1, num_tokens - 1))
+        ctx = max(num_tokens - n_dec, min(max_model_len, 4096))
+        heads = 2 * cfg.num_kv_heads + 2 * cfg.num_heads      # gathered K/V + GQA-expanded copies
+        attention = 2 * 4 * ctx * cfg.head_dim * heads         # one layer's prefill temporaries
+        rows = 4 * num_tokens * (8 * cfg.hidden_size + 4 * cfg.intermediate_size + 4 * cfg.num_heads * cfg.head_dim)
+        sampling = 4 * 4 * num_seqs * cfg.vocab_size           # logits, softmax, sort, logprobs
+        state = 8 * 2**20 + 40 * num_tokens * cfg.hidden_size  # per-shape matmul state (warm-up)
+        return attention + rows + sampling + state + 8 * 2**20  # + what a step leaves resident
+
     @torch.inference_mode()
     def profile(self, num_tokens: int, num_seqs: int, max_model_len: int, kv_dtype) -> None:
         """Run the largest step the engine may schedule, on a throw-away store, so the caller can

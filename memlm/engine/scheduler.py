@@ -16,6 +16,7 @@ shares and frees them), tensors, the model, or text (sequences finish by their `
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from memlm.engine.config import SchedulerConfig
 from memlm.engine.eviction import PolicyStep, SlotMoves
 from memlm.engine.request import Request, RequestStatus, Sequence
 from memlm.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+from memlm.engine.shared_prefix import SharedPrefixes
 from memlm.kv.manager import NO_HIT, KVCacheManager, PrefixHit
 
 if TYPE_CHECKING:                       # the scheduler itself never touches tensors
@@ -46,6 +48,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.forks: dict[int, list[Sequence]] = {}   # parent seq_id -> siblings waiting on its prompt
         self.num_preemptions = 0
+        self.shared = SharedPrefixes(kv)    # prompt blocks running sequences compute now
         self._freed: list[int] = []
 
     # ---- queue management ----------------------------------------------------------------
@@ -92,31 +95,54 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        """Pick this step's work: running sequences first (oldest first), then FCFS admission."""
+        """Pick this step's work. The token budget goes to decodes first, then to prefill:
+        running sequences' chunks (oldest first) and FCFS admission of new prompts. While any
+        sequence decodes, prefill gets at most `prefill_tokens_with_decodes` tokens (a new prompt
+        waits one short step, not one full of others' prefill), and long running chunks leave
+        waiting prompts' small first chunks their share. A waiting prompt whose next uncached
+        block another running sequence is computing waits for it (`SharedPrefixes`)."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[int] = []
         moves = SlotMoves()
+        decodes = sum(1 for s in self.running if s.num_uncomputed_tokens <= 1)
+        prefill = self._prefill_budget(budget, decodes)
+        long_prefill = prefill - self._small_first_chunks(prefill) \
+            if self.waiting and decodes < len(self.running) else prefill
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = self.policy.chunk(seq, min(seq.num_uncomputed_tokens, budget))
+            want = seq.num_uncomputed_tokens
+            chunked = want > 1
+            if chunked:
+                want = min(want, long_prefill)
+                if want <= 0:                   # this step's prefill share is spent: next step
+                    i += 1
+                    continue
+            n = self.policy.chunk(seq, min(want, budget))
             self.policy.shrink(seq, n, moves)        # an evicting policy keeps its budget first
             if self._reserve(seq, n, preempted, moves):
                 scheduled.append(self._slice(seq, n))
                 budget -= n
+                if chunked:
+                    prefill -= n
+                    long_prefill -= n
                 i += 1
             # else `seq` left `running` (preempted or finished); index i is already the next one
 
         # No admissions in a step that had to preempt: the pool is full, new work would thrash.
         headroom = self._headroom() if self.waiting and not preempted else 0
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs \
-                and not preempted:
-            seq = self.waiting[0]
+        pos = 0                                 # waiting[:pos] wait on a shared prefix this step
+        while pos < len(self.waiting) and budget > 0 and prefill > 0 \
+                and len(self.running) < self.config.max_num_seqs and not preempted:
+            seq = self.waiting[pos]
             # A sequence holding no KV starts after its cached prefix (never its last token), or
             # after what a KV tier restores when that covers more than the hot cache does.
             hit = (self.kv.find_cached_prefix(seq, seq.num_tokens)
                    if self._may_use_cache(seq) else NO_HIT)
+            if self._may_defer(seq) and self.shared.should_defer(seq, hit):
+                pos += 1
+                continue
             restored = self._restorable(seq, hit)
             if restored:
                 hit = NO_HIT
@@ -124,7 +150,7 @@ class Scheduler:
             # Blocks right after the hot hit that the prefix cache evicted into a tier.
             tiered = 0 if restored else self._tiered_blocks(seq, hit)
             extra = tiered * self.kv.block_size
-            n = self.policy.chunk(seq, min(seq.num_uncomputed_tokens - cached - extra, budget))
+            n = self.policy.chunk(seq, min(seq.num_uncomputed_tokens - cached - extra, budget, prefill))
             # Beside others, the whole rest of the prompt (and its headroom) must fit, not just
             # this chunk: a long prompt admitted on its first chunk is the newest sequence, so it
             # would preempt itself on a later chunk and redo that chunk over and over.
@@ -143,15 +169,51 @@ class Scheduler:
                 seq.request.num_cached_tokens = cached
             if restored and not self.offload.restore(seq, self.kv.block_table(seq)):
                 seq.num_computed_tokens = 0     # the entry was lost: compute it (the table covers it)
-            self.waiting.popleft()
+            del self.waiting[pos]
             seq.status = RequestStatus.RUNNING
             self._insert_running(seq)
+            if _keeps_all_kv(seq):
+                self.shared.admitted(seq, seq.num_computed_tokens // self.kv.block_size)
             scheduled.append(self._slice(seq, n))
             budget -= n
+            prefill -= n
             headroom += self._growth(seq)
 
         freed, self._freed = self._freed, []
         return SchedulerOutput(scheduled, preempted, freed, moves)
+
+    def _prefill_budget(self, budget: int, decodes: int) -> int:
+        """Prefill tokens this step: what the decodes leave, capped while any sequence decodes
+        (at `prefill_tokens_with_decodes`, or `PREFILL_TOKENS_PER_DECODE` per decoding sequence
+        when that is more: a big decode batch already makes a long step, and the prompts
+        waiting behind it are many)."""
+        cap = self.config.prefill_tokens_with_decodes
+        if not decodes or not cap:
+            return budget - decodes
+        return min(budget - decodes, max(cap, defaults.PREFILL_TOKENS_PER_DECODE * decodes))
+
+    def _small_first_chunks(self, prefill: int) -> int:
+        """Prefill tokens kept from long running chunks for waiting prompts whose uncached rest
+        is small (a chat turn after a cached history), at most half of `prefill`."""
+        keep, limit = 0, prefill // 2
+        room = self.config.max_num_seqs - len(self.running)
+        for seq in itertools.islice(self.waiting, max(0, room)):
+            hit = (self.kv.find_cached_prefix(seq, seq.num_tokens)
+                   if self._may_use_cache(seq) else NO_HIT)
+            if self._may_defer(seq) and self.shared.waits_on_owner(seq, hit):
+                continue                        # it waits for a shared prefix: no chunk now
+            rest = seq.num_uncomputed_tokens - hit.num_blocks * self.kv.block_size
+            if rest <= defaults.SMALL_FIRST_CHUNK_TOKENS:
+                keep += rest
+            if keep >= limit:
+                return limit
+        return keep
+
+    def _may_defer(self, seq: Sequence) -> bool:
+        """Only a fresh prompt (no KV, no saved session or swapped-out KV to restore) may wait
+        for a shared prefix another sequence is computing."""
+        return (seq.num_computed_tokens == 0 and seq.num_preemptions == 0 and seq.request.session_id is None
+                and _keeps_all_kv(seq) and self._may_use_cache(seq) and not self.kv.block_table(seq))
 
     def _growth(self, seq: Sequence, hit: PrefixHit = NO_HIT) -> int:
         """Blocks `seq` needs for the rest of its prompt (after the cached prefix `hit`) and its
@@ -236,6 +298,7 @@ class Scheduler:
         """Take the sequence's blocks back; when readmitted (first in line) it restores its KV from
         a tier if the offload swapped it out (chosen by cost), else recomputes prompt + output."""
         self.running.remove(seq)
+        self.shared.release(seq)
         if self.offload is not None and seq.kv_state is None \
                 and self.offload.swap_out(seq, self.kv.block_table(seq)):
             self.num_swaps += 1
@@ -262,6 +325,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.shared.release(seq)
         if self.offload is not None:
             if seq.kv_state is None:            # an evicted history is no session to resume
                 self.offload.keep_session(seq, self.kv.block_table(seq))
@@ -285,6 +349,7 @@ class Scheduler:
             self.policy.computed(seq, s.start, s.num_tokens)
             if _keeps_all_kv(seq):
                 self.kv.cache_computed_blocks(seq)
+                self.shared.progressed(seq)
             if seq.seq_id in self.forks and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 self._fork(seq)
             if seq.seq_id not in sampled:

@@ -5,9 +5,16 @@ torch dequantization (the reference the native kernel is tested against, the fal
 `MEMLM_NATIVE=0`, and the row lookup of an embedding), quantizing fp32 into a block codec
 (through `gguf.quants`, bit-exact with llama.cpp's), and `block_matmul`, which runs
 `csrc/gemv_q.c` (reads the blocks directly; fp32 activations and accumulation), or on CPUs with
-AVX-512 VNNI `csrc/decode_q.c` (activations quantized to 8 bits per block of 32 once per call,
-integer dot products; `int8_activations()` decides), or, without the native library,
-dequantizes and multiplies in fp32.
+AVX-512 VNNI 8-bit activations (quantized per row and block of 32 once per call, integer dot
+products; `int8_activations()` decides): `csrc/decode_q.c` for a few rows, `csrc/gemm_q.c` from
+GEMM_MIN_ROWS rows on (each weight block decoded once per call and chunk of rows and reused over
+all of them); or bf16 tiles of W through torch's bf16 GEMM (large M without the 8-bit path, and
+the `exact` LM head); or, without the native library, dequantizes and multiplies in fp32.
+
+Workspace outside torch (allocated per call, freed before it returns): the bf16 tile, at most
+TILE_ELEMENTS x 2 bytes (8 MiB); `gemm_q.c`'s 8-bit activations of at most GEMM_CHUNK_BYTES
+(2 MiB) worth of rows at a time plus 12 bytes per row and block, and one decoded 32-column
+panel per thread (40 K bytes: 60 KiB at K = 1536), under 3 MiB for SmolLM2 at 2 threads.
 
     Q8_0  {fp16 d; int8 q[32]}            34 B / 32 weights   w = d q
     Q4_0  {fp16 d; uint8 qs[16]}          18 B / 32 weights   w = d (q - 8)
@@ -48,6 +55,8 @@ DECODE_LIBRARY = native.Library("decode_q", "decode_q.c", {
     "block_attn_in": [_P, _P, ctypes.c_float, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
     "block_attn_out_mlp": [_P, _P, _P, ctypes.c_float, _I, _P, _I, _P, _I, _P, _I, _I, _I, _I],
 })
+# the blocked 8-bit-activation GEMM (prefill chunks and large batches)
+GEMM_LIBRARY = native.Library("gemm_q", "gemm_q.c", {"qgemm": [_I, _P, _P, _P, _I, _I, _I, _P]})
 # From this many rows of x on, W is dequantized to bf16 tile by tile and multiplied by the bf16
 # GEMM (each weight reused over all rows, bf16 rounding like the bf16 method's batched path)
 # instead of decoding blocks once per 8 rows: measured on SmolLM2's four projection shapes (AMD
@@ -55,7 +64,13 @@ DECODE_LIBRARY = native.Library("decode_q", "decode_q.c", {
 # block kernel at 12 rows, beat it 1.3x at 16, 2.2x at 24 and 3.2x at 32; the 8-bit kernel keeps
 # up to 8 rows (0.35 vs 0.45 ms at 8 rows).
 TILE_MIN_ROWS = 16
-INT8_MAX_ROWS = 8               # decode batches: 8-bit activations (prefill chunks keep fp32 ones)
+INT8_MAX_ROWS = 8               # decode_q.c's qmatmul: 8-bit activations up to this many rows
+# From this many rows on, where `int8_activations()`, the blocked GEMM (gemm_q.c) replaces both
+# qmatmul and the bf16 tiles. Measured (`benchmarks/weight_kernels.py --batch-rows`, Zen 5, 2
+# threads, 2026-12-02): at 8 rows 1.0-1.5x qmatmul, from 16 to 2048 rows 1.5-3.2x the bf16 tiles
+# and 1.3-1.9x the bf16 method's own matmul on SmolLM2's projections; perplexity -0.19% vs fp32.
+GEMM_MIN_ROWS = 8
+GEMM_CHUNK_BYTES = 1 << 21       # gemm_q.c's CHUNK_BYTES: 8-bit activation bytes held at once
 TILE_ELEMENTS = 1 << 22          # weights per dequantized tile: 8 MiB of bf16 workspace at most
 
 
@@ -65,10 +80,12 @@ def available() -> bool:
 
 
 def int8_activations() -> bool:
-    """Whether block matmuls below TILE_MIN_ROWS quantize x to 8 bits (decode_q.c) instead of
-    the fp32 kernel: where the CPU has AVX-512 VNNI (measured 1.6-2x faster per call on Zen 5,
-    `benchmarks/weight_kernels.py`), or as `MEMLM_INT8_ACTIVATIONS` says (1: on, with the
-    plain C integer path on other CPUs; 0: off). Read per call: tests switch it."""
+    """Whether block matmuls (other than the `exact` LM head's) quantize x to 8 bits per block of
+    32: qmatmul (decode_q.c) below GEMM_MIN_ROWS rows, the blocked GEMM (gemm_q.c) from there on,
+    instead of the fp32 kernel and the bf16 tiles. Where the CPU has AVX-512 VNNI (measured
+    1.6-2x faster per call on Zen 5 at decode sizes, 1.3-3.6x the bf16 tiles from 8 to 512 rows,
+    `benchmarks/weight_kernels.py`), or as `MEMLM_INT8_ACTIVATIONS` says (1: on, with the plain
+    C integer paths on other CPUs; 0: off). Read per call: tests switch it."""
     import os
 
     env = os.environ.get("MEMLM_INT8_ACTIVATIONS", "")
@@ -146,11 +163,18 @@ def dequantize(weight: BlockWeight) -> torch.Tensor:
     return dequantize_rows(weight.blocks, weight.codec, weight.in_features)
 
 
+def int8_gemm() -> bool:
+    """Whether block matmuls of GEMM_MIN_ROWS rows or more take the blocked 8-bit GEMM
+    (`int8_activations()` and its library built)."""
+    return int8_activations() and GEMM_LIBRARY.lib is not None
+
+
 def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> torch.Tensor:
-    """x (M, K) float -> (M, N) fp32 = x @ W.T: the native block kernel (rows 8 at a time) below
-    TILE_MIN_ROWS rows, with 8-bit activations up to INT8_MAX_ROWS rows where `int8_activations()`
-    unless `exact` (the LM head: greedy picks stay those of fp32 activations), bf16 tiles of W through the bf16 GEMM
-    from TILE_MIN_ROWS rows on where it is fast."""
+    """x (M, K) float -> (M, N) fp32 = x @ W.T. Unless `exact` (the LM head: fp32 activations
+    below TILE_MIN_ROWS rows), where `int8_activations()`: 8-bit activations, decode_q.c's qmatmul
+    below GEMM_MIN_ROWS rows and the blocked GEMM (gemm_q.c) from there on. Otherwise the fp32
+    block kernel (rows 8 at a time) below TILE_MIN_ROWS rows and bf16 tiles of W through the
+    bf16 GEMM from there on where it is fast."""
     x = x.float()
     kp = weight.padded_in
     if x.shape[1] != kp:
@@ -159,6 +183,8 @@ def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> t
         return x[:, :weight.in_features] @ dequantize(weight).t()
     x = x.contiguous()
     m = x.shape[0]
+    if m >= GEMM_MIN_ROWS and not exact and int8_gemm():
+        return _int8_gemm(x, weight)
     if m >= TILE_MIN_ROWS and _bf16_gemm_is_fast():
         return _tiled_bf16_matmul(x, weight)
     y = torch.empty(m, weight.out_features, dtype=torch.float32)
@@ -168,6 +194,18 @@ def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> t
         return y
     _LIBRARY.lib.gemv_q(GGML_TYPE_IDS[weight.codec], weight.blocks.data_ptr(), x.data_ptr(), y.data_ptr(),
                         m, weight.out_features, kp)
+    return y
+
+
+def _int8_gemm(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
+    """x (M, Kp) fp32 contiguous -> (M, N) fp32 through gemm_q.c (8-bit activations)."""
+    y = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
+    status = torch.zeros(1, dtype=torch.int32)
+    GEMM_LIBRARY.lib.qgemm(GGML_TYPE_IDS[weight.codec], weight.blocks.data_ptr(), x.data_ptr(), y.data_ptr(),
+                           x.shape[0], weight.out_features, weight.padded_in, status.data_ptr())
+    if int(status[0]) != 0:
+        raise MemoryError(f"the 8-bit block GEMM could not allocate its workspace (about "
+                          f"{GEMM_CHUNK_BYTES >> 20} MiB): free memory or set MEMLM_INT8_ACTIVATIONS=0")
     return y
 
 
@@ -192,16 +230,19 @@ def _tiled_bf16_matmul(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
     return y
 
 
-def warm_up(weight: BlockWeight, m: int) -> None:
-    """Create the per-shape state `block_matmul` of `m` rows needs (oneDNN's, for the bf16 tiles)
-    without its (m, N) output: the tiles' shapes depend only on the tile height, so one full tile
-    and the last partial one, each run as a weight of its own, make them all. (The whole LM head
-    at 2048 rows would be a 400 MB output, outside the budget, before the plan exists.)"""
+def warm_up(weight: BlockWeight, m: int, exact: bool = False) -> None:
+    """Create the per-shape state `block_matmul(x, weight, exact)` of `m` rows needs (oneDNN's,
+    for the bf16 tiles) without its (m, N) output: the tiles' shapes depend only on the tile
+    height, so one full tile and the last partial one, each run as a weight of its own, make
+    them all. (The whole LM head at 2048 rows would be a 400 MB output, outside the budget,
+    before the plan exists.) Nothing to do where those rows take the 8-bit GEMM (no state)."""
+    if not exact and m >= GEMM_MIN_ROWS and int8_gemm():
+        return
     kp, n = weight.padded_in, weight.out_features
     rows = max(1, min(n, TILE_ELEMENTS // kp))
     x = torch.zeros(m, kp)
     for r in sorted({rows, n % rows} - {0}):
-        block_matmul(x, BlockWeight(weight.blocks[:r], weight.codec, weight.in_features, r))
+        block_matmul(x, BlockWeight(weight.blocks[:r], weight.codec, weight.in_features, r), exact)
 
 
 def stream_read_gbps(n_bytes: int = 1 << 29, repeats: int = 5) -> float:

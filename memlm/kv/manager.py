@@ -197,6 +197,23 @@ class KVCacheManager:
             self.pool.free(dropped)
         return len(dropped)
 
+    def drop_blocks(self, seq: KVSequence, blocks: list[int]) -> int:
+        """`seq` drops whole full blocks (indices into its table; a block KV codec's eviction):
+        they go back to the pool at once, the rest keep their order. Returns the number freed."""
+        if seq.seq_id not in self._private:
+            raise RuntimeError(f"sequence {seq.seq_id} must be kept private before it evicts")
+        table, bs = self._tables.get(seq.seq_id, []), self.pool.block_size
+        full = self.num_cached_tokens(seq) // bs
+        if len(set(blocks)) != len(blocks) or any(not 0 <= j < min(full, len(table) - 1) for j in blocks):
+            raise ValueError(f"cannot drop blocks {blocks}: only full blocks before the last of {len(table)}")
+        gone = set(blocks)
+        dropped = [b for j, b in enumerate(table) if j in gone]
+        table[:] = [b for j, b in enumerate(table) if j not in gone]
+        self._evicted[seq.seq_id] = self._evicted.get(seq.seq_id, 0) + len(dropped) * bs
+        if dropped:
+            self.pool.free(dropped)
+        return len(dropped)
+
     # ---- prefix cache ----------------------------------------------------------------------
     def find_cached_prefix(self, seq: KVSequence, num_tokens: int) -> PrefixHit:
         """The cached blocks covering the start of `seq`'s first `num_tokens` tokens, leaving at

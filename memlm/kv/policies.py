@@ -6,7 +6,8 @@ cache entry and, for `h2o` / `snap`, its accumulated attention mass), `plan_evic
 that state and the tokens about to arrive, the cache entries to keep, or None) and
 `plan_relief` (the same under pool pressure: down to the low end of the policy's range) and
 `compaction_moves` (how to pack the kept entries into the front of the cache so the tail
-blocks can go back to the pool).
+blocks can go back to the pool); `plan_block_eviction` / `plan_block_relief` (the same for a
+block KV codec: which whole blocks to drop).
 Does not know: blocks or slots (`manager.py` drops the freed tail blocks; the scheduler turns
 entries into slots), tensors behind the cache (`engine/runner.py` copies the moved entries), or
 when to call it (`engine/scheduler.py`).
@@ -19,6 +20,17 @@ Policies (B = the cache budget in tokens; a cache never holds more than B entrie
     snap     once, when the prompt is longer than B: S sinks + the last W prompt tokens (the
              observation window) + the prompt tokens those queries attended to most
              (SnapKV); generation then appends without eviction
+
+Block codecs (int4 / int2 KIVI: keys quantized per channel over a whole block) cannot lose
+single tokens, so with them `window`, `h2o` and `snap` evict whole blocks
+(`plan_block_eviction`): full blocks leave the block table (window: the oldest; h2o / snap:
+the least attention mass outside the sinks' block and the recent window), nothing moves, and
+the partial last block (fp16, in `window.py`'s stages) always stays. A KIVI group is never
+split. `sinks` stays token-granular: its sink keys are re-rotated in place as the window
+slides, which a block codec's codes cannot take.
+
+    table [b3: t0..t15][b8: t16..t31][b1: t32..t40 .]  window 32, 1 token arriving
+    drop block 0 of the table (b3)  ->  [b8: t16..t31][b1: t32..t41]; b3 back to the pool
 
 Entries are evicted `stride` (a block) at a time, so a step rarely evicts: the recent window
 holds between W - stride + 1 and W tokens. When the pool is short, `plan_relief` evicts a
@@ -140,6 +152,18 @@ class KVPolicyState:
             self.mass = grown
         self.mass[:values.numel()] += values.float()
 
+    def drop_blocks(self, blocks: list[int], block_size: int) -> None:
+        """Forget the entries of table blocks `blocks` (whole blocks; the rest keep their order)."""
+        gone = {b for b in blocks}
+        kept = [i for i in range(self.num_cached) if i // block_size not in gone]
+        self.positions = [self.positions[i] for i in kept]
+        if self.mass is not None:
+            with torch.inference_mode():
+                idx = torch.tensor([i for i in kept if i < self.mass.numel()], dtype=torch.long)
+                mass = torch.zeros_like(self.mass)
+                mass[:idx.numel()] = self.mass[idx]
+                self.mass = mass
+
     def apply(self, kept: list[int]) -> None:
         """Keep entries `kept` (sorted), packed as `compaction_moves` packs them."""
         moves = compaction_moves(kept, self.num_cached)
@@ -204,6 +228,61 @@ def plan_relief(state: KVPolicyState, stride: int, incoming: int = 0) -> list[in
     if spec.policy in ("h2o", "snap"):
         return _heavy_hitters(state, keep)
     return _sinks_and_recent(state, keep)
+
+
+BLOCK_POLICIES = ("window", "h2o", "snap")   # what a block KV codec evicts, whole blocks at a time
+
+
+def plan_block_eviction(state: KVPolicyState, incoming: int, block_size: int,
+                        prompt_len: int = 0) -> list[int] | None:
+    """A block KV codec's eviction: the table blocks to drop so that `incoming` more tokens fit
+    the budget (snap: once, the cached long prompt down to its budget), or None.
+
+    Entries fill the table in text order, so every block but the last is full; the last is
+    never dropped, nor (with sinks) block 0, which holds them. `window` drops the oldest blocks;
+    h2o / snap first the blocks outside the recent window with the least attention mass, then,
+    if that is not enough, the oldest of the recent ones (`engine/eviction.py` sizes windows
+    and chunks so the sinks' block and the last always fit)."""
+    spec, L = state.spec, state.num_cached
+    if spec.policy == "snap":
+        if state.snapped or prompt_len <= spec.budget or L < prompt_len:
+            return None
+        state.snapped = True
+        return _block_victims(state, block_size, L - spec.budget)
+    if spec.policy not in BLOCK_POLICIES or L + incoming <= spec.budget:
+        return None
+    return _block_victims(state, block_size, L + incoming - spec.budget)
+
+
+def plan_block_relief(state: KVPolicyState, block_size: int, incoming: int = 0) -> list[int] | None:
+    """Under pool pressure: window / h2o down to at most budget - block_size entries with the
+    `incoming` ones (one entry below their usual range when that is what frees a block instead
+    of a preemption); snap, once compressed, back to its budget; None when no block would go."""
+    spec, L = state.spec, state.num_cached
+    if spec.policy not in BLOCK_POLICIES or (spec.policy == "snap" and not state.snapped):
+        return None
+    low = spec.budget if spec.policy == "snap" else spec.budget - block_size
+    return _block_victims(state, block_size, L + incoming - low)
+
+
+def _block_victims(state: KVPolicyState, bs: int, excess: int) -> list[int] | None:
+    """The fewest droppable blocks covering `excess` entries, in the policy's order."""
+    spec, L = state.spec, state.num_cached
+    if excess <= 0:
+        return None
+    droppable = range(1 if spec.sinks else 0, min(L // bs, -(-L // bs) - 1))   # full, not the last
+    if spec.policy == "window":
+        order = list(droppable)
+    else:
+        recent = {j for j in droppable if (j + 1) * bs > L - spec.window}
+        mass = state.mass if state.mass is not None else torch.zeros(0)
+        if mass.numel() < L:                         # entries written since the last scoring
+            mass = torch.cat([mass, mass.new_zeros(L - mass.numel())])
+        score = mass[:(L // bs) * bs].view(-1, bs).sum(1).tolist() if L >= bs else []
+        order = sorted((j for j in droppable if j not in recent), key=lambda j: (score[j], j))
+        order += sorted(recent)
+    picked = sorted(order[:-(-excess // bs)])
+    return picked or None
 
 
 def _by_position(state: KVPolicyState) -> list[int]:

@@ -189,16 +189,13 @@ class KVStore:
     def decode_attention(self, depth: int, q: torch.Tensor, block_tables: torch.Tensor,
                          lens: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
         """q (B, nh, hd) fp32 contiguous -> (B, nh, hd) fp32 through the native kernel; `mass`
-        ((B, nkv, nb * block_size) fp32) accumulates each key's attention weight (token codecs)."""
+        ((B, nkv, nb * block_size) fp32) accumulates each key's attention weight (H2O)."""
         if self.window is None:
             kc, vc, ks, vs = self.layer(depth)
             return paged_attention.decode_attention(q, kc, vc, block_tables, lens, self.block_size,
                                                     ks, vs, mass)
-        if mass is not None:
-            raise ValueError(f"kv_dtype {self.dtype} does not report attention mass; use fp16, fp32 "
-                             "or int8 with kv_policy h2o / snap")
         li, c, win = self.layer_of_depth[depth], self.codec, self.window
         return attention_kivi.decode_attention(
             q, c.codes[li, 0], c.codes[li, 1], c.key_params(li), c.v_params[li, 0],
             win.kv[li, 0], win.kv[li, 1], win.stage_of_block, block_tables, lens,
-            self.block_size, c.bits, c.group)
+            self.block_size, c.bits, c.group, mass)

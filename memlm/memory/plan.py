@@ -17,6 +17,7 @@ reads RSS) or what a block holds (the KV store says how many bytes one takes).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from memlm.config import format_size
 from memlm.errors import OutOfBudgetError
@@ -31,6 +32,9 @@ ALLOCATOR_SLACK = 0.03
 # steps of varying shapes it can hold more than the two profiled steps did, so once RSS between
 # steps leaves less than this fraction of the workspace plus the margin, the engine trims it.
 TRIM_ROOM = 0.5
+# The "budget too small" advice is rounded up to this (the bisection in
+# benchmarks/single_stream.py --min-budget confirms sizes to 16 MiB as well).
+NEED_STEP = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class StepProfile:
     workspace: int          # peak above the pre-step RSS of the largest step
     left_resident: int      # what the profile steps left resident after a heap trim
     resident_after: int     # RSS once profiling is done (the figure the pool is planned from)
+    text_dropped: int = 0   # library code pages handed back to the page cache (memory/resident.py)
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class MemoryPlan:
     margin: int = 0
     warm_bytes: int = 0       # the warm KV tier's capacity (compressed blobs in RAM)
     kv_window: int = 0        # int4 / int2 KV: fp16 window of partial blocks (kv/window.py)
+    text_dropped: int = 0     # code pages handed back to the page cache after warm-up
+    step_tokens: int = 0      # the step the plan was profiled at (max_num_batched_tokens) ...
+    step_seqs: int = 0        # ... and its max_num_seqs
 
     @property
     def kv_pool(self) -> int:
@@ -84,10 +92,40 @@ class MemoryPlan:
             return f"  KV pool: {self.num_blocks} blocks x {self.block_size} tokens ({self.kv_dtype}), no budget"
         rows = [("budget", self.total), ("runtime baseline", self.baseline),
                 ("weights + tokenizer (resident)", self.load_overhead),
-                ("matmul state (warm-up)", self.matmul_state),
-                ("step workspace (profiled)", self.workspace), ("safety margin", self.margin),
-                ("KV pool", self.kv_pool)] + ([("KV fp16 window", self.kv_window)] if self.kv_window else []) + ([("warm KV tier", self.warm_bytes)] if self.warm_bytes else [])
-        return "\n".join([f"  {name:<32}{format_size(v):>12}" for name, v in rows] + [blocks])
+                ("matmul state (warm-up)", self.matmul_state)]
+        if self.text_dropped:      # negative: resident before, handed back after the warm-up
+            rows.append(("code pages dropped (page cache)", -self.text_dropped))
+        rows += [("step workspace (profiled)", self.workspace), ("safety margin", self.margin),
+                 ("KV pool", self.kv_pool)]
+        if self.kv_window:
+            rows.append(("KV fp16 window", self.kv_window))
+        if self.warm_bytes:
+            rows.append(("warm KV tier", self.warm_bytes))
+        step = ([f"  {'step (profiled)':<32}{self.step_tokens:>12} tokens, {self.step_seqs} sequences"]
+                if self.step_tokens else [])
+        return "\n".join([f"  {name:<32}{_signed(v):>12}" for name, v in rows] + [blocks] + step)
+
+
+def _signed(n: int) -> str:
+    return "-" + format_size(-n) if n < 0 else format_size(n)
+
+
+def min_budget(profile: StepProfile, kv_bytes: int) -> int:
+    """The smallest budget whose plan (the arithmetic of `plan_memory`) holds `profile` and
+    `kv_bytes` of KV memory: the margin grows with the budget (ALLOCATOR_SLACK), so solve for it."""
+    fixed = profile.resident_after + profile.workspace + MIN_MARGIN + profile.left_resident + kv_bytes
+    return -(-fixed * 1000 // (1000 - int(ALLOCATOR_SLACK * 1000)))
+
+
+def fit_step(room: int, candidates: list[tuple[int, int]],
+             estimate: Callable[[int, int], int]) -> tuple[int, int]:
+    """The first (largest) (tokens, seqs) step whose `estimate` of its memory (resident state +
+    workspace) fits `room` bytes; the last (the floor) when none does. Candidates go from the
+    configured step down, so a budget that holds the configured step keeps it unchanged."""
+    for tokens, seqs in candidates:
+        if estimate(tokens, seqs) <= room:
+            return tokens, seqs
+    return candidates[-1]
 
 
 def plan_memory(budget: MemoryBudget, profile: StepProfile, weights: int, block_bytes: int,
@@ -111,13 +149,14 @@ def plan_memory(budget: MemoryBudget, profile: StepProfile, weights: int, block_
     min_blocks = -(-min_tokens // block_size)
     if blocks < min_blocks:
         kv_need = int(min_blocks * block_bytes / (1 - warm_fraction))
-        need = profile.resident_after + profile.workspace + margin + kv_window + kv_need
+        need = min_budget(profile, kv_window + kv_need)
         raise OutOfBudgetError(f"memory budget {format_size(budget.total)} cannot hold the model and a "
                                f"minimal KV cache ({min_tokens} tokens): needs at least "
-                               f"{format_size(need)}; use --memory-budget {round_up(need)}")
+                               f"{format_size(need)}; use --memory-budget {round_up(need, NEED_STEP)}")
     if max_blocks is not None:
         blocks = min(blocks, max_blocks)
     return MemoryPlan(block_size=block_size, block_bytes=block_bytes, num_blocks=max(1, int(blocks)),
                       kv_dtype=kv_dtype, total=budget.total, baseline=budget.baseline, weights=weights,
                       load_overhead=budget.load_overhead, matmul_state=profile.matmul_state,
-                      workspace=profile.workspace, margin=margin, warm_bytes=warm, kv_window=kv_window)
+                      workspace=profile.workspace, margin=margin, warm_bytes=warm, kv_window=kv_window,
+                      text_dropped=profile.text_dropped)

@@ -20,6 +20,7 @@
    here per call. Wrapped by memlm/kernels/block_layer.py; gemv_q.c's fp32 kernel stays the
    reference path for CPUs without VNNI. */
 #include "common.h"
+#include "ggml_blocks.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -29,20 +30,6 @@
 
 enum { QK = 32, TYPE_Q4_0 = 2, TYPE_Q4_1 = 3, TYPE_Q8_0 = 8, MR = 4 };
 
-static int block_bytes(int type) {
-    return type == TYPE_Q8_0 ? 34 : type == TYPE_Q4_0 ? 18 : type == TYPE_Q4_1 ? 20 : 0;
-}
-
-#if defined(__F16C__)
-static inline float f16(const uint8_t* b) { uint16_t h; memcpy(&h, b, 2); return _cvtsh_ss(h); }
-#else
-static inline float f16(const uint8_t* b) {              /* IEEE half -> float, exactly */
-    uint16_t h; memcpy(&h, b, 2);
-    const int e = (h >> 10) & 31, m = h & 1023;
-    const float v = e == 0 ? ldexpf((float)m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexpf((float)(m | 1024), e - 25);
-    return (h & 0x8000u) ? -v : v;
-}
-#endif
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t f2bf(float f) {
     uint32_t u; memcpy(&u, &f, 4);

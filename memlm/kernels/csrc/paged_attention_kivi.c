@@ -11,16 +11,23 @@
    token are widened once per token (shared by the GQA group's query heads) and accumulated
    with online softmax one block at a time.
 
+   H2O attention mass: with `mass` non-NULL ((B, nkv, max_nb * block_size) fp32), each query
+   head's final softmax weights are added to mass[b, its KV head, key], summed over the GQA
+   group: the raw scores of the task's g heads are kept (g x L floats) as they are computed and
+   normalized once the running max and sum are final, so K is read once. A task owns its row.
+
    One task per (sequence, KV head). AVX-512: 16 codes at a time are spread to lanes by a byte
    shuffle and a per-lane shift; elsewhere the generic loops (the compiler vectorizes them).
 
    Exports paged_decode_attention_kivi4 / _kivi2, signature
    (q, k_codes, v_codes, k_params, v_params, win_k, win_v, stage_of_block, block_tables, lens,
-    out, B, nh, nkv, hd, block_size, max_nb, group, k_params_block_stride, scale). */
+    out, mass, B, nh, nkv, hd, block_size, max_nb, group, k_params_block_stride, scale);
+   mass may be NULL. */
 #include "common.h"
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <omp.h>
 
 /* codes c0 .. c(hd-1) of one packed row -> fp32 */
@@ -56,7 +63,7 @@ static inline float dot(const float* a, const float* b, int n) {
 static void decode_kivi(const float* q, const uint8_t* kc, const uint8_t* vc, const _Float16* kp,
                         const _Float16* vp, const _Float16* wk, const _Float16* wv,
                         const int32_t* stage_of, const int64_t* tables, const int64_t* lens, float* out,
-                        int B, int nh, int nkv, int hd, int bs, int max_nb, int group,
+                        float* mass, int B, int nh, int nkv, int hd, int bs, int max_nb, int group,
                         int kp_stride, float scale, int bits)
 {
     const int g = nh / nkv, hb = hd * bits / 8, ng = hd / group;
@@ -66,6 +73,7 @@ static void decode_kivi(const float* q, const uint8_t* kc, const uint8_t* vc, co
         const int64_t L = lens[b];
         const float* qb = q + ((int64_t)b * nh + (int64_t)h * g) * hd;   /* (g, hd) */
         float m[g], l[g], acc[g][hd], qs[g][hd], cst[g], s[g][bs], row[hd];
+        float* raw = mass ? (float*)malloc(sizeof(float) * (size_t)g * (size_t)(L > 0 ? L : 1)) : NULL;
         for (int j = 0; j < g; j++) {
             m[j] = -INFINITY; l[j] = 0.f;
             for (int d = 0; d < hd; d++) acc[j][d] = 0.f;
@@ -95,6 +103,9 @@ static void decode_kivi(const float* q, const uint8_t* kc, const uint8_t* vc, co
                     for (int j = 0; j < g; j++) s[j][t] = scale * (dot(qs[j], row, hd) + cst[j]);
                 }
             }
+            if (raw)                                         /* scores before the softmax */
+                for (int j = 0; j < g; j++)
+                    for (int t = 0; t < n; t++) raw[(int64_t)j * L + (int64_t)i * bs + t] = s[j][t];
             float corr[g];
             for (int j = 0; j < g; j++) {
                 float mx = m[j];
@@ -132,6 +143,14 @@ static void decode_kivi(const float* q, const uint8_t* kc, const uint8_t* vc, co
             const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
             for (int d = 0; d < hd; d++) ob[j * hd + d] = acc[j][d] * inv;
         }
+        if (raw) {                        /* the g query heads of KV head h add into one row */
+            float* mrow = mass + ((int64_t)b * nkv + h) * ((int64_t)max_nb * bs);
+            for (int j = 0; j < g; j++) {
+                const float inv = l[j] > 0.f ? 1.f / l[j] : 0.f;
+                for (int64_t t = 0; t < L; t++) mrow[t] += exp_approx(raw[(int64_t)j * L + t] - m[j]) * inv;
+            }
+            free(raw);
+        }
     }
 }
 
@@ -139,9 +158,10 @@ static void decode_kivi(const float* q, const uint8_t* kc, const uint8_t* vc, co
 void paged_decode_attention_kivi##BITS(const float* q, const uint8_t* kc, const uint8_t* vc,       \
         const _Float16* kp, const _Float16* vp, const _Float16* wk, const _Float16* wv,            \
         const int32_t* stage_of, const int64_t* tables, const int64_t* lens, float* out,           \
-        int B, int nh, int nkv, int hd, int bs, int max_nb, int group, int kp_stride, float scale) \
+        float* mass, int B, int nh, int nkv, int hd, int bs, int max_nb, int group, int kp_stride, \
+        float scale)                                                                               \
 {                                                                                                  \
-    decode_kivi(q, kc, vc, kp, vp, wk, wv, stage_of, tables, lens, out, B, nh, nkv, hd, bs,        \
+    decode_kivi(q, kc, vc, kp, vp, wk, wv, stage_of, tables, lens, out, mass, B, nh, nkv, hd, bs,  \
                 max_nb, group, kp_stride, scale, BITS);                                            \
 }
 

@@ -186,17 +186,19 @@ class WeightOnlyMethod(LinearMethod):
     def warm_up(self, model: nn.Module, max_rows: int) -> None:
         """Run every block-held weight shape at every row bucket from `gemv.TILE_MIN_ROWS` up to
         `max_rows` once: the tiled bf16 path keeps oneDNN state per shape (`kernels.cpu.row_bucket`),
-        which the memory profile must see as resident."""
+        which the memory profile must see as resident. The LM head is warmed as `logits` runs it
+        (`exact`: bf16 tiles even where the projections take the 8-bit GEMM, which keeps no state)."""
+        head = getattr(model, "lm_head_module", None)
         held = {}
         for m in model.modules():
             w = getattr(m, "block_weight", None)
             if w is not None:
-                held[(w.out_features, w.in_features, w.codec)] = w
+                held[(w.out_features, w.in_features, w.codec, m is head)] = (w, m is head)
         buckets = sorted({row_bucket(r) for r in range(gemv.TILE_MIN_ROWS, max_rows + 1)})
         with torch.inference_mode():
             for b in buckets:
-                for w in held.values():
-                    gemv.warm_up(w, b)
+                for w, exact in held.values():
+                    gemv.warm_up(w, b, exact)
 
     # ---- the model as a whole --------------------------------------------------------------
     def held_outside_parameters(self, model: nn.Module) -> tuple[int, int]:

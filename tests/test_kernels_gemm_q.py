@@ -1,0 +1,111 @@
+"""The blocked 8-bit-activation GEMM on block weights (csrc/gemm_q.c) through `gemv.block_matmul`:
+against dequantize-then-matmul in fp64 within the bound that rounding x to 8 bits per block of 32
+allows, over odd shapes (K = 32 k and K padded, odd N, M = 9 .. 513, more rows than one chunk of
+the kernel's activation workspace), all three codecs; its integer sums are decode_q.c's (the two
+kernels agree to fp32 rounding); and the dispatch: the switch, the `exact` head, MEMLM_NATIVE=0."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memlm.kernels import gemv
+
+needs_gemm = pytest.mark.skipif(gemv.GEMM_LIBRARY.lib is None or gemv.DECODE_LIBRARY.lib is None,
+                                reason="no C compiler / MEMLM_NATIVE=0")
+
+
+@pytest.fixture(autouse=True)
+def int8_on(monkeypatch):
+    monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "1")    # the plain C path where VNNI is missing
+
+
+def rounding_bound(x: torch.Tensor, held: gemv.BlockWeight) -> torch.Tensor:
+    """|y - x W^T| <= sum over blocks of max|x_block| / 254 * sum |w_block| (+ fp32 sums)."""
+    kp = held.padded_in
+    xp = F.pad(x.double(), (0, kp - x.shape[1]))
+    w = F.pad(gemv.dequantize(held).double(), (0, kp - held.in_features)).abs()
+    g = kp // gemv.QK
+    amax = xp.view(x.shape[0], g, gemv.QK).abs().amax(-1)                     # (M, G)
+    return amax / 254 @ w.view(w.shape[0], g, gemv.QK).sum(-1).t() + 1e-5 * (1 + w.sum(1))
+
+
+def _case(codec, n, k, m, seed):
+    g = torch.Generator().manual_seed(seed)
+    held = gemv.quantize(torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g), codec)
+    x = torch.randn(m, k, generator=g) * torch.rand(1, k, generator=g) * 4
+    return held, x
+
+
+def _qmatmul(x: torch.Tensor, held: gemv.BlockWeight) -> torch.Tensor:
+    xp = F.pad(x, (0, held.padded_in - x.shape[1])).contiguous()
+    y = torch.empty(x.shape[0], held.out_features)
+    gemv.DECODE_LIBRARY.lib.qmatmul(gemv.GGML_TYPE_IDS[held.codec], held.blocks.data_ptr(), xp.data_ptr(),
+                                    y.data_ptr(), x.shape[0], held.out_features, held.padded_in)
+    return y
+
+
+@needs_gemm
+@pytest.mark.parametrize("codec", gemv.CODECS)
+@pytest.mark.parametrize("n, k, m", [(1, 32, 9), (17, 64, 16), (33, 96, 17), (47, 160, 33), (5, 50, 100),
+                                     (100, 576, 100), (31, 1000, 513), (64, 288, 8)])
+def test_gemm_is_within_the_activation_rounding_bound(codec, n, k, m):
+    held, x = _case(codec, n, k, m, n * k + m)
+    assert gemv.int8_gemm() and m >= gemv.GEMM_MIN_ROWS
+    y = gemv.block_matmul(x, held)
+    exact = x.double() @ gemv.dequantize(held).double().t()
+    err = (y.double() - exact).abs()
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    bound = rounding_bound(x, held)
+    assert bool((err <= bound).all()), float((err / bound).max())
+    assert float(err.max()) > 0          # it did round: not the fp32 kernel
+    # the same integer sums as decode_q.c's qmatmul: only the fp32 summation order differs
+    torch.testing.assert_close(y, _qmatmul(x, held), rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+
+
+@needs_gemm
+@pytest.mark.parametrize("codec", gemv.CODECS)
+def test_more_rows_than_one_activation_chunk(codec):
+    """K = 4096: the kernel quantizes 512 rows at a time (2 MiB), so 1030 rows take three chunks
+    (the last of 6 rows: not a whole register tile)."""
+    held, x = _case(codec, 37, 4096, 1030, 7)
+    assert 1030 * 4096 > 2 * gemv.GEMM_CHUNK_BYTES
+    y = gemv.block_matmul(x, held)
+    err = (y.double() - x.double() @ gemv.dequantize(held).double().t()).abs()
+    assert bool((err <= rounding_bound(x, held)).all())
+    torch.testing.assert_close(y[-6:], _qmatmul(x[-6:], held), rtol=1e-5, atol=1e-3)
+
+
+@needs_gemm
+def test_zero_rows_and_extreme_values_stay_finite():
+    held = gemv.quantize(torch.randn(40, 64), "q4_1")
+    x = torch.zeros(20, 64)
+    x[3] = 1e30                                     # one huge row: its own scales, no overflow
+    x[5, :32] = -1e-30
+    y = gemv.block_matmul(x, held)
+    assert torch.equal(y[0], torch.zeros(40)) and bool(torch.isfinite(y).all())
+    exact = x[3:4].double() @ gemv.dequantize(held).double().t()
+    assert bool(((y[3:4].double() - exact).abs() <= rounding_bound(x[3:4], held)).all())
+
+
+@needs_gemm
+def test_the_switch_and_the_exact_head_take_the_other_paths(monkeypatch):
+    held, x = _case("q8_0", 24, 128, 40, 3)
+    exact = x @ gemv.dequantize(held).t()
+    calls = []
+    real = gemv._int8_gemm
+    monkeypatch.setattr(gemv, "_int8_gemm", lambda *a: calls.append(1) or real(*a))
+    gemv.block_matmul(x, held)
+    assert calls == [1]
+    gemv.block_matmul(x, held, exact=True)                      # the LM head never takes it
+    gemv.block_matmul(x[:gemv.GEMM_MIN_ROWS - 1], held)         # a few rows: decode_q.c
+    monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "0")
+    assert not gemv.int8_gemm()
+    y = gemv.block_matmul(x, held)                              # bf16 tiles or the fp32 kernel
+    assert calls == [1]
+    torch.testing.assert_close(y, exact, rtol=0.02, atol=0.02 * float(exact.abs().max()))
+
+
+def test_without_the_native_library_it_is_dequantize_then_matmul(monkeypatch):
+    """MEMLM_NATIVE=0 (or no compiler): the torch reference, exact, whatever the switch says."""
+    monkeypatch.setattr(gemv, "available", lambda: False)
+    held, x = _case("q4_0", 19, 96, 33, 5)
+    torch.testing.assert_close(gemv.block_matmul(x, held), x @ gemv.dequantize(held).t(), rtol=1e-5, atol=1e-4)

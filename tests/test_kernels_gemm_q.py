@@ -16,6 +16,7 @@ needs_gemm = pytest.mark.skipif(gemv.GEMM_LIBRARY.lib is None or gemv.DECODE_LIB
 @pytest.fixture(autouse=True)
 def int8_on(monkeypatch):
     monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "1")    # the plain C path where VNNI is missing
+    monkeypatch.setenv("MEMLM_INT8_GEMM", "1")           # opt-in (off by default: gemv.int8_gemm)
 
 
 def rounding_bound(x: torch.Tensor, held: gemv.BlockWeight) -> torch.Tensor:
@@ -109,3 +110,11 @@ def test_without_the_native_library_it_is_dequantize_then_matmul(monkeypatch):
     monkeypatch.setattr(gemv, "available", lambda: False)
     held, x = _case("q4_0", 19, 96, 33, 5)
     torch.testing.assert_close(gemv.block_matmul(x, held), x @ gemv.dequantize(held).t(), rtol=1e-5, atol=1e-4)
+
+
+def test_the_gemm_is_opt_in(monkeypatch):
+    monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "1")
+    monkeypatch.delenv("MEMLM_INT8_GEMM", raising=False)
+    assert not gemv.int8_gemm()
+    monkeypatch.setenv("MEMLM_INT8_GEMM", "1")
+    assert gemv.int8_gemm() == (gemv.GEMM_LIBRARY.lib is not None)

@@ -73,3 +73,14 @@ def test_chat_answer_matches_transformers(smol):
         want = ref(torch.tensor([ids])).logits[0]
         got = smol.model.compute_logits(smol.model.forward_dense(torch.tensor([ids]))[0])
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+
+
+def test_default_engine_answers_the_quickstart_question():
+    """The README's Quickstart through the default engine (the file's own blocks, the native
+    kernels): 8-bit activations in prefill once flipped this answer (`gemv.int8_gemm`)."""
+    from memlm import LLM, SamplingParams
+
+    llm = LLM(DEFAULT_MODEL, memory_budget="1GiB", max_num_seqs=1, verbose=False)
+    out = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=12))
+    out = out[0] if isinstance(out, list) else out
+    assert "Paris" in out.outputs[0].text

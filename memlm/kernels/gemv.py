@@ -164,9 +164,17 @@ def dequantize(weight: BlockWeight) -> torch.Tensor:
 
 
 def int8_gemm() -> bool:
-    """Whether block matmuls of GEMM_MIN_ROWS rows or more take the blocked 8-bit GEMM
-    (`int8_activations()` and its library built)."""
-    return int8_activations() and GEMM_LIBRARY.lib is not None
+    """Whether block matmuls of GEMM_MIN_ROWS rows or more take the blocked 8-bit GEMM: only
+    with `MEMLM_INT8_GEMM=1` (and `int8_activations()`, and its library built). Off by default:
+    8-bit activations in prefill, about 1% relative error per projection on SmolLM2's real
+    activations, flip the embedded model's greedy answer to the Quickstart prompt ("What is the
+    capital of France?": "L'Etoile, la Marseillaise, ..." instead of "The capital of France is
+    Paris."), although held-out perplexity reads -0.19% (BENCHMARKS.md). Decode steps of up to 8
+    rows keep their 8-bit path (`int8_activations`). Read per call: tests switch it."""
+    import os
+
+    return os.environ.get("MEMLM_INT8_GEMM", "0") == "1" and int8_activations() \
+        and GEMM_LIBRARY.lib is not None
 
 
 def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> torch.Tensor:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import greedy_memlm, greedy_reference
+from helpers import budget_above_rss, greedy_memlm, greedy_reference
 from memlm.loading import DEFAULT_MODEL, IncrementalDetokenizer, load_model
 from memlm.models.registry import resolve_preset
 
@@ -80,7 +80,7 @@ def test_default_engine_answers_the_quickstart_question():
     kernels): 8-bit activations in prefill once flipped this answer (`gemv.int8_gemm`)."""
     from memlm import LLM, SamplingParams
 
-    llm = LLM(DEFAULT_MODEL, memory_budget="1GiB", max_num_seqs=1, verbose=False)
+    llm = LLM(DEFAULT_MODEL, memory_budget=budget_above_rss(), max_num_seqs=1, verbose=False)
     out = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=12))
     out = out[0] if isinstance(out, list) else out
     assert "Paris" in out.outputs[0].text

@@ -1,6 +1,7 @@
 """Data-parallel `memlm train` / `memlm distill` under torchrun (2 CPU ranks, gloo, 127.0.0.1):
 the loss curve of the same global batch matches one process, a SIGKILLed run resumes from its
-last checkpoint and ends where an uninterrupted run ends, and each rank reads disjoint rows."""
+last checkpoint, re-does the steps it lost exactly and ends where one process ends, and each
+rank reads disjoint rows. Three torchrun launches in all (killed, resumed, distill)."""
 import glob
 import json
 import os
@@ -40,8 +41,8 @@ def _torchrun(args, **kw) -> subprocess.Popen:
                             start_new_session=True, **kw)
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL torchrun and its ranks (torchrun starts each rank in a session of its own)."""
+def _signal_tree(pid: int, sig: int) -> None:
+    """Signal torchrun and its ranks (torchrun starts each rank in a session of its own)."""
     pids, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -53,7 +54,7 @@ def _kill_tree(pid: int) -> None:
                 pass
     for p in reversed(pids):                  # the ranks first, so nothing is left to restart them
         try:
-            os.kill(p, signal.SIGKILL)
+            os.kill(p, sig)
         except ProcessLookupError:
             pass
 
@@ -74,56 +75,77 @@ def _train_args(d, name, steps=STEPS, extra=()):
             "--log-file", str(d / f"{name}.jsonl"), "--out", str(d / name), *extra]
 
 
+def _kill_after_a_checkpoint(p: subprocess.Popen, state, log, at: int, past: int = 3) -> tuple[int, int]:
+    """SIGKILL the job once its checkpoint is at step >= `at` and it has logged `past` steps more
+    (so the resumed run re-does steps the killed one logged). The job is frozen (SIGSTOP) while
+    the condition is confirmed, so what was read is what the kill leaves. Returns (checkpoint
+    step, last logged step)."""
+    def where() -> tuple[int, int]:
+        try:
+            return json.loads(state.read_text())["step"], max(_losses(log))
+        except (OSError, ValueError, KeyError):      # not written yet, being swapped in, or a line half written
+            return 0, 0
+
+    deadline = time.monotonic() + 200
+    while p.poll() is None and time.monotonic() < deadline:
+        step, logged = where()
+        if step >= at and logged >= step + past:
+            _signal_tree(p.pid, signal.SIGSTOP)
+            step, logged = where()
+            if step >= at and logged >= step + past:
+                _signal_tree(p.pid, signal.SIGKILL)
+                return step, logged
+            _signal_tree(p.pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended (or stalled) before it could be killed: {p.communicate(timeout=60)[0]}")
+
+
 @pytest.fixture(scope="module")
 def curves(world):
-    """One process and 2 ranks, the same global batch of 8, 100 steps each."""
+    """One process (100 steps) and ONE 2-rank job with the same global batch of 8, SIGKILLed after
+    its checkpoint at step >= 20 and resumed to step 100: two torchrun launches give the 2-rank
+    loss curve (the steps logged before the kill, then the resumed ones) and test the resume."""
     assert main(_train_args(world, "single")) == 0
-    p = _torchrun(_train_args(world, "ddp"))
-    out, _ = p.communicate(timeout=240)
-    assert p.returncode == 0, out
-    assert "2 ranks (gloo)" in out and "2 ranks x 4 rows" in out
-    return _losses(world / "single.jsonl"), _losses(world / "ddp.jsonl"), out
+    args = _train_args(world, "ddp", extra=["--checkpoint-every", "10"])
+    p = _torchrun(args)
+    killed_at, last_logged = _kill_after_a_checkpoint(p, world / "ddp" / "train_state" / "state.json",
+                                                      world / "ddp.jsonl", at=20)
+    first_out, _ = p.communicate(timeout=60)
+    assert p.returncode != 0, "the job was not killed"
+    before = [json.loads(line) for line in open(world / "ddp.jsonl")]
+    q = _torchrun([*args, "--resume"])
+    out, _ = q.communicate(timeout=240)
+    assert q.returncode == 0, out
+    after = [json.loads(line) for line in open(world / "ddp.jsonl")][len(before):]
+    return dict(single=_losses(world / "single.jsonl"), before=before, after=after, killed_at=killed_at,
+                last_logged=last_logged, out=first_out + out)
 
 
 def test_two_ranks_reproduce_the_single_process_loss_curve(curves):
-    single, ddp, out = curves
+    single, out = curves["single"], curves["out"]
+    ddp = {r["step"]: r["loss"] for r in curves["before"] + curves["after"]}   # the resumed value wins
     assert sorted(single) == sorted(ddp) == list(range(1, STEPS + 1))
     rel = max(abs(single[s] - ddp[s]) / single[s] for s in single)
     assert rel < 0.01, rel
     assert single[STEPS] < single[1] - 1.0          # it did learn
-    assert out.count("train: 100 steps") == 1        # only rank 0 reports
+    assert "2 ranks (gloo)" in out and "2 ranks x 4 rows" in out
+    assert out.count("train: 100 steps") == 1        # only rank 0 reports (the killed job never did)
 
 
 def test_sigkill_then_resume_continues_from_the_last_checkpoint(world, curves):
-    d, ddp = world, curves[1]
-    args = _train_args(d, "killed", extra=["--checkpoint-every", "10"])
-    p = _torchrun(args)
-    state, killed_at, deadline = d / "killed" / "train_state" / "state.json", None, time.monotonic() + 200
-    while p.poll() is None and time.monotonic() < deadline:
-        try:
-            step = json.loads(state.read_text())["step"]
-        except (OSError, ValueError, KeyError):      # not written yet, or being swapped in
-            step = 0
-        if step >= 20:
-            _kill_tree(p.pid)
-            killed_at = step
-            break
-        time.sleep(0.02)
-    p.communicate(timeout=60)
-    assert killed_at is not None and p.returncode != 0, "the run ended before it could be killed"
-    logged = _losses(d / "killed.jsonl")
-    assert max(logged) < STEPS                        # it was stopped mid-run
-    q = _torchrun([*args, "--resume"])
-    out, _ = q.communicate(timeout=240)
-    assert q.returncode == 0, out
-    resumed = [json.loads(line) for line in open(d / "killed.jsonl")][len(logged):]
-    first = resumed[0]["step"]
-    assert killed_at < first <= max(logged) + 1 and first % 10 == 1   # from the last checkpoint on
-    for r in resumed:
-        assert r["loss"] == pytest.approx(ddp[r["step"]], rel=1e-6)
-    a = checkpoint.load_model_dir(d / "killed").state_dict()
-    b = checkpoint.load_model_dir(d / "ddp").state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    before = {r["step"]: r["loss"] for r in curves["before"]}
+    after, killed_at = curves["after"], curves["killed_at"]
+    assert max(before) == curves["last_logged"] < STEPS and killed_at % 10 == 0   # stopped mid-run, after a checkpoint
+    steps = [r["step"] for r in after]
+    assert steps == list(range(killed_at + 1, STEPS + 1))            # from the last checkpoint on, to the end
+    redone = [r for r in after if r["step"] in before]
+    assert len(redone) == curves["last_logged"] - killed_at >= 3     # the steps the killed job logged after it
+    for r in redone:                                                 # re-done exactly as the killed job did them
+        assert r["loss"] == pytest.approx(before[r["step"]], rel=1e-6)
+    final = checkpoint.load_model_dir(world / "ddp").state_dict()   # ends where one process ends (to rounding)
+    single = checkpoint.load_model_dir(world / "single").state_dict()
+    gap = max(float((final[k] - single[k]).abs().max()) for k in final)
+    assert gap < 1e-5, gap
 
 
 def test_distill_with_a_teacher_cache_built_by_both_ranks(world):

@@ -2,9 +2,11 @@
 FedAvg runs end to end, the server optimizers and their checks, the audit of what crosses the
 client boundary, and the partition."""
 import argparse
+import importlib.util
 import math
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,7 +46,7 @@ def corpus(tmp_path_factory):
 
 def _cfg(corpus, strategy, tmp=None, **kw):
     base = dict(clients=2, rounds=2, corpus=corpus, strategy=strategy, vocab_size=300, local_steps=4, batch_size=4,
-                seq_len=32, server_steps=4, eval_tokens=1024, student="layers=1,hidden=32,heads=2",
+                seq_len=32, server_steps=4, eval_tokens=1024, student="layers=1,hidden=32,heads=2", test_docs=1,
                 out=str(tmp) if tmp else None)
     return FedConfig(**{**base, **kw})
 
@@ -83,6 +85,10 @@ def test_fedavg_simulation_end_to_end(runs):
     assert all(r["step_norm"] == pytest.approx(r["delta_norm"]) for r in result.rounds[1:])   # plain mean
     assert result.final_loss < result.rounds[0]["heldout_loss"]          # the global student learned
     assert math.isfinite(result.final_ppl) and result.simulation_s >= result.wall_s > 0
+    # the test document (no party's) is scored once, after the last round
+    assert ["test_loss" in r for r in result.rounds] == [False, False, True]
+    assert result.test_docs == [d.name for d in partition(load_corpus(cfg.corpus), 2, 1, 1, test_docs=1).test]
+    assert math.isfinite(result.test_ppl) and result.test_ppl < math.exp(result.rounds[0]["heldout_loss"])
     _check_audit(result, cfg)
 
 
@@ -141,6 +147,8 @@ def test_server_optimizers_step_on_the_pseudo_gradient_with_kept_state():
     ({"strategy": "fedavg", "server_lr": 0.5}, "--server-lr does nothing with --strategy fedavg"),
     ({"client_optimizer": "lion"}, "--client-optimizer must be one of adamw, sgd"),
     ({"eval_every": 0}, "--eval-every must be positive"),
+    ({"test_docs": -1}, "--test-docs must be 0 or more, got -1"),
+    ({"test_tokens": 0}, "--test-tokens must be positive"),
 ])
 def test_bad_server_settings_are_one_line_errors(kw, message):
     with pytest.raises(MemlmError, match=re.escape(message)) as e:
@@ -174,14 +182,20 @@ def test_audit_refuses_anything_but_the_students_arrays_and_numbers():
         audit_reply(RecordDict({"metrics": MetricRecord({})}), expected)
 
 
-def test_partition_keeps_public_heldout_and_clients_apart(corpus):
+def test_partition_keeps_public_heldout_test_and_clients_apart(corpus):
     docs = load_corpus(corpus)
-    part = partition(docs, clients=2, docs_per_client=1, public_docs=1)
-    groups = [part.public, *part.clients, part.heldout]
+    part = partition(docs, clients=2, docs_per_client=1, public_docs=1, test_docs=1)
+    groups = [part.public, *part.clients, part.heldout, part.test]
     names = [{d.name for d in g} for g in groups]
-    assert all(len(g) >= 1 for g in groups)
-    assert sum(map(len, names)) == len(set().union(*names))              # disjoint
-    assert partition(docs, 2, 1, 1) == part                              # every party derives the same
+    assert all(len(g) == 1 for g in groups)
+    assert sum(map(len, names)) == len(set().union(*names)) == 5          # disjoint
+    assert partition(docs, 2, 1, 1, 1) == part                            # every party derives the same
+    assert partition(docs, 2, 1, 1).clients == part.clients and partition(docs, 2, 1, 1).test == []
+    assert partition(docs, 1, 1, 1, 1).test == part.test                  # the same test set for any client count
+    assert partition(docs, 3, 1, 1, 1).test == part.test
+    with pytest.raises(MemlmError, match=re.escape("2 clients x 1 + 1 public + 3 test need 6: use fewer --clients, "
+                                                   "--docs-per-client or --test-docs")):
+        partition(docs, clients=2, docs_per_client=1, public_docs=1, test_docs=3)
     with pytest.raises(MemlmError, match="use fewer --clients"):
         partition(docs, clients=9, docs_per_client=1, public_docs=1)
     with pytest.raises(MemlmError, match="at least two documents"):
@@ -205,3 +219,24 @@ def test_fedavg_weights_by_examples_and_flags_build_the_config():
     assert FedConfig(strategy="feddf").server_learning_rate == 1e-3
     with pytest.raises(MemlmError, match="--strategy must be one of"):
         FedConfig(strategy="fedprox")
+
+
+def test_the_readme_command_is_the_benchmarks_chosen_setting():
+    """`memlm federated --strategy fedadam --client-optimizer sgd --lr 1 --local-steps 1 --rounds 150`
+    (README) trains exactly as row 6 of benchmarks/federated.py: the same config up to how often it
+    scores, whether a client keeps its (empty: plain SGD has no state) optimizer state, and FedDF's
+    server steps (unused by fedadam)."""
+    path = Path(__file__).parents[1] / "benchmarks" / "federated.py"
+    spec = importlib.util.spec_from_file_location("fed_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    name, row = bench.fed_runs(FedConfig(clients=4, rounds=6, local_steps=25, server_steps=25, test_docs=2))[5]
+    assert name == "FedAdam, 1 local SGD step"
+    parser = argparse.ArgumentParser()
+    cli.add_commands(parser.add_subparsers())
+    args = parser.parse_args(["federated", "--strategy", "fedadam", "--client-optimizer", "sgd", "--lr", "1",
+                              "--local-steps", "1", "--rounds", "150", "--test-docs", "2"])
+    cfg = cli.fed_config(args)
+    assert cfg.server_lr is None and cfg.server_learning_rate == row.server_learning_rate   # the default: 5e-3
+    assert replace(cfg, eval_every=row.eval_every, keep_optimizer=row.keep_optimizer, server_steps=row.server_steps,
+                   server_lr=row.server_lr) == row

@@ -2,13 +2,17 @@
 
 Owns: `FedConfig` (every setting of `memlm federated`, validated), the deterministic partition
 of a corpus into held-out documents (the corpus's own validation split), one public shard (text
-no client holds: the server's FedDF transfer set and the source of the shared BPE tokenizer)
-and K private client shards (whole documents: one Shakespeare play or one KJV book each by
-default), and tokenizing documents in memory. Does not know: Flower (`federated.py`) or
+no client holds: the server's FedDF transfer set and the source of the shared BPE tokenizer),
+K private client shards (whole documents: one Shakespeare play or one KJV book each by
+default) and, with `test_docs`, a test set (training documents nobody holds and that no tuning
+scored: the held-out split is what rounds are scored on, so settings get picked on it), and
+tokenizing documents in memory. Does not know: Flower (`federated.py`) or
 training (`fed_train.py`).
 
     corpus --split_documents--> train docs | held-out docs (val split: scored, held by nobody)
-    train docs, by sha1(name): [public x P][client 0 x D][client 1 x D] ... [client K-1 x D][unused]
+    train docs, by sha1(name): [public x P][client 0 x D] ... [client K-1 x D][unused][test x T]
+
+The test documents are the last T of that order, so they stay the same for any K that fits.
 
 Every party computes the same partition from the corpus name alone, so a client reads only its
 own documents from its own disk; nothing about the text is sent.
@@ -16,7 +20,7 @@ own documents from its own disk; nothing about the text is sent.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -55,6 +59,8 @@ class FedConfig:
     alpha: float = 1.0                # weight of the teacher KL on clients
     eval_tokens: int = 16384          # held-out tokens scored after each round
     eval_every: int = 1               # score every N rounds (and always after the last)
+    test_docs: int = 0                # documents nobody holds, scored once after the last round
+    test_tokens: int = 65536          # test tokens scored (from the start of the test documents)
     seed: int = 0
     threads_per_client: int = 1
     out: str | None = None            # save the global student (a model dir) here
@@ -63,9 +69,11 @@ class FedConfig:
         if self.strategy not in STRATEGIES:
             raise MemlmError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         for name in ("clients", "rounds", "docs_per_client", "public_docs", "vocab_size", "local_steps",
-                     "batch_size", "seq_len", "eval_tokens", "eval_every", "threads_per_client"):
+                     "batch_size", "seq_len", "eval_tokens", "eval_every", "threads_per_client", "test_tokens"):
             if getattr(self, name) <= 0:
                 raise MemlmError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.test_docs < 0:
+            raise MemlmError(f"--test-docs must be 0 or more, got {self.test_docs}")
         if self.strategy == "feddf" and self.server_steps <= 0:
             raise MemlmError(f"--server-steps must be positive with --strategy feddf, got {self.server_steps}")
         if self.client_optimizer not in CLIENT_OPTIMIZERS:
@@ -95,9 +103,11 @@ class Partition:
     public: list[Document]
     clients: list[list[Document]]
     heldout: list[Document]
+    test: list[Document] = field(default_factory=list)
 
 
-def partition(docs: list[Document], clients: int, docs_per_client: int, public_docs: int) -> Partition:
+def partition(docs: list[Document], clients: int, docs_per_client: int, public_docs: int,
+              test_docs: int = 0) -> Partition:
     """The fixed split of `docs` (see the module docstring).
 
     Raises:
@@ -107,17 +117,19 @@ def partition(docs: list[Document], clients: int, docs_per_client: int, public_d
     if not heldout:
         raise MemlmError("the corpus needs at least two documents: one is held out for scoring")
     ranked = sorted(train, key=lambda d: hashlib.sha1(("fed:" + d.name).encode()).hexdigest())
-    need = public_docs + clients * docs_per_client
+    need = public_docs + clients * docs_per_client + test_docs
     if len(ranked) < need:
+        test = f" + {test_docs} test" if test_docs else ""
         raise MemlmError(f"the corpus has {len(ranked)} training documents; {clients} clients x {docs_per_client} "
-                         f"+ {public_docs} public need {need}: use fewer --clients or --docs-per-client")
+                         f"+ {public_docs} public{test} need {need}: use fewer --clients, --docs-per-client"
+                         + (" or --test-docs" if test_docs else ""))
     shards = [ranked[public_docs + i * docs_per_client: public_docs + (i + 1) * docs_per_client]
               for i in range(clients)]
-    return Partition(ranked[:public_docs], shards, heldout)
+    return Partition(ranked[:public_docs], shards, heldout, ranked[len(ranked) - test_docs:] if test_docs else [])
 
 
 def corpus_partition(cfg: FedConfig) -> Partition:
-    return partition(load_corpus(cfg.corpus), cfg.clients, cfg.docs_per_client, cfg.public_docs)
+    return partition(load_corpus(cfg.corpus), cfg.clients, cfg.docs_per_client, cfg.public_docs, cfg.test_docs)
 
 
 def tokenize(docs: list[Document], tokenizer) -> np.ndarray:

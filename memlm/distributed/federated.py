@@ -19,7 +19,7 @@ learning itself (`fed_train.py`) or who holds which documents (`fed_data.py`).
 What crosses from a client is audited on arrival (`audit_reply`): only those two records, only
 floating-point arrays named and shaped as the global student's parameters, only numeric
 metrics. A reply with anything else (token ids, strings, extra records) stops the run with an
-error. The server holds the public shard and the held-out documents, never a client's.
+error. The server holds the public shard, the held-out and the test documents, never a client's.
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ class FedResult:
     audit: list[dict] = field(default_factory=list)      # one entry per array/metric a client sent
     wall_s: float = 0.0                                  # this run's rounds (server side)
     simulation_s: float = 0.0                            # the whole simulation: Ray, clients, every run
+    test_docs: list[str] = field(default_factory=list)   # names of the test documents (--test-docs)
 
     @property
     def final_loss(self) -> float:
@@ -73,6 +74,12 @@ class FedResult:
     @property
     def final_ppl(self) -> float:
         return math.exp(min(self.final_loss, 50))
+
+    @property
+    def test_ppl(self) -> float:
+        """The final global student's perplexity on the test documents (nan without --test-docs)."""
+        loss = self.rounds[-1].get("test_loss", math.nan) if self.rounds else math.nan
+        return math.exp(min(loss, 50))
 
 
 def audit_reply(content, expected: dict[str, tuple]) -> list[dict]:
@@ -106,7 +113,8 @@ def audit_reply(content, expected: dict[str, tuple]) -> list[dict]:
 # one simulation can serve several runs (`run_federated_series`) with different client recipes
 RECIPE = ("local_steps", "batch_size", "seq_len", "lr", "client_optimizer", "keep_optimizer", "alpha")
 # what every run of one simulation must share: who holds which text, and the clients' processes
-CLIENT_DATA = ("clients", "corpus", "docs_per_client", "public_docs", "teacher", "seed", "threads_per_client")
+CLIENT_DATA = ("clients", "corpus", "docs_per_client", "public_docs", "test_docs", "teacher", "seed",
+               "threads_per_client")
 
 
 def _recipe(cfg: FedConfig, run: int) -> str:
@@ -218,6 +226,7 @@ class _Server:
         self.model = initial_student(cfg, self.tok)
         self.public = tokenize(part.public, self.tok)
         self.heldout = tokenize(part.heldout, self.tok)
+        self.test = tokenize(part.test, self.tok) if part.test else None
         self.expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         self.optimizer = ServerOptimizer(cfg.server_optimizer, cfg.server_learning_rate, cfg.server_momentum,
                                          cfg.server_beta2, cfg.server_tau)
@@ -262,6 +271,8 @@ class _Server:
                                          temperature=cfg.temperature))
         if last or (r + 1) % cfg.eval_every == 0 or cfg.strategy == "feddf":
             info["heldout_loss"] = self._score()
+        if last and self.test is not None:                 # the test documents: scored once, at the end
+            info["test_loss"] = heldout_loss(self.model, self.test, cfg.seq_len, cfg.test_tokens)
         self.result.rounds.append(info)
 
     def _score(self) -> float:
@@ -281,6 +292,7 @@ def make_server_app(cfgs: list[FedConfig], part: Partition, results: list[FedRes
             for run, (cfg, result) in enumerate(zip(cfgs, results)):
                 t0 = time.perf_counter()
                 server = _Server(cfg, part, result, run)
+                result.test_docs = [d.name for d in part.test]
                 result.rounds.append({"round": 0, "heldout_loss": server._score()})
                 for r in range(cfg.rounds):
                     server.round(grid, nodes, r)

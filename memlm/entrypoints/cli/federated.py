@@ -38,6 +38,9 @@ _HELP = {
     "teacher": "clients also distill this model on their own text (the student takes its tokenizer)",
     "alpha": "weight of the client-side teacher KL",
     "eval_tokens": "held-out tokens the server scores after each round",
+    "test_docs": "training documents no client holds (nor the public shard), scored once after the last round: "
+                 "a test set apart from the held-out split that rounds (and any tuning) are scored on",
+    "test_tokens": "test tokens scored (from the start of the test documents)",
     "threads_per_client": "torch threads in each simulated client",
     "out": "save the global student here (a model dir `memlm generate --model` reads)",
 }
@@ -72,6 +75,8 @@ def cmd_federated(args) -> int:
     result = run_federated(cfg, verbose=args.verbose)
     if args.json:
         print(json.dumps({"config": result.config, "rounds": result.rounds, "wall_s": result.wall_s,
+                          "heldout_ppl": result.final_ppl,
+                          "test_ppl": result.test_ppl if cfg.test_docs else None, "test_docs": result.test_docs,
                           "audit_items": len(result.audit),
                           "audit_records": sorted({a["record"] for a in result.audit})}))
         return 0
@@ -83,6 +88,8 @@ def cmd_federated(args) -> int:
     print(f"federated {cfg.strategy}: {cfg.clients} clients x {cfg.rounds} rounds in {result.wall_s:.0f} s; "
           f"global student held-out perplexity {result.final_ppl:.2f}; clients sent only "
           f"{len(result.audit)} parameter arrays / metrics")
+    if cfg.test_docs:
+        print(f"test perplexity {result.test_ppl:.2f} on {', '.join(result.test_docs)} (no party holds them)")
     if cfg.out:
         print(f"saved {cfg.out} (run it: memlm generate --model {cfg.out})")
     return 0

@@ -51,7 +51,10 @@ def batched_table(args, gemv) -> None:
     import torch.nn.functional as F
 
     def path(name: str, x, w):
-        os.environ["MEMLM_INT8_ACTIVATIONS"] = "1" if name == "gemm" else "0"
+        # gemm: two 8-bit planes per activation (the default); gemm1: one plane (llama.cpp's Q8)
+        os.environ["MEMLM_INT8_ACTIVATIONS"] = "0" if name == "tiles" else "1"
+        os.environ["MEMLM_INT8_GEMM"] = "0" if name == "tiles" else "1"
+        os.environ["MEMLM_GEMM_PLANES"] = "1" if name == "gemm1" else "2"
         return gemv.block_matmul(x, w)
 
     def bf16_method(x, wb, packed):
@@ -70,10 +73,10 @@ def batched_table(args, gemv) -> None:
     print(f"# batched: 8-bit blocked GEMM (gemm_q.c) vs bf16 tiles of the same blocks vs the bf16 "
           f"method's prepacked bf16 matmul; {args.threads} threads, best of {args.repeats}; "
           f"int8 GEMM built: {gemv.GEMM_LIBRARY.lib is not None}, VNNI: {gemv.int8_activations()}")
-    print("| shape | rows | gemm_q us | decode_q qmatmul us | bf16 tiles us | bf16 method us | "
-          "qmatmul / gemm | tiles / gemm | bf16 / gemm |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    saved = os.environ.get("MEMLM_INT8_ACTIVATIONS")
+    print("| shape | rows | gemm_q 2 planes us | 1 plane us | decode_q qmatmul us | bf16 tiles us | "
+          "bf16 method us | qmatmul / gemm | tiles / gemm | bf16 / gemm | 1 plane / gemm |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    saved = {v: os.environ.get(v) for v in ("MEMLM_INT8_ACTIVATIONS", "MEMLM_INT8_GEMM", "MEMLM_GEMM_PLANES")}
     for name, n, k, _ in SHAPES:
         w = torch.randn(n, k) * 0.05
         held = gemv.quantize(w, "q8_0" if name == "head" else "q4_1")
@@ -83,18 +86,21 @@ def batched_table(args, gemv) -> None:
             if name == "head" and m > 512:
                 continue                         # a (2048, 49152) output: never a model's step
             x = torch.randn(m, k)
-            cells = [("gemm", lambda: path("gemm", x, held)), ("tiles", lambda: path("tiles", x, held)),
+            cells = [("gemm", lambda: path("gemm", x, held)), ("gemm1", lambda: path("gemm1", x, held)),
+                     ("tiles", lambda: path("tiles", x, held)),
                      ("bf16", lambda: bf16_method(x, wb, packed))]
             if m <= 16 and gemv.DECODE_LIBRARY.lib is not None:
                 cells.append(("qmatmul", lambda: qmatmul(x, held)))
             t = {label: timed(fn, args.repeats) for label, fn in cells}
             q = (f"{t['qmatmul'] * 1e6:.1f}", f"{t['qmatmul'] / t['gemm']:.2f}x") if "qmatmul" in t else ("-", "-")
-            print(f"| {name} {n}x{k} {held.codec} | {m} | {t['gemm'] * 1e6:.1f} | {q[0]} | {t['tiles'] * 1e6:.1f} | "
-                  f"{t['bf16'] * 1e6:.1f} | {q[1]} | {t['tiles'] / t['gemm']:.2f}x | {t['bf16'] / t['gemm']:.2f}x |")
-    if saved is None:
-        os.environ.pop("MEMLM_INT8_ACTIVATIONS", None)
-    else:
-        os.environ["MEMLM_INT8_ACTIVATIONS"] = saved
+            print(f"| {name} {n}x{k} {held.codec} | {m} | {t['gemm'] * 1e6:.1f} | {t['gemm1'] * 1e6:.1f} | {q[0]} | "
+                  f"{t['tiles'] * 1e6:.1f} | {t['bf16'] * 1e6:.1f} | {q[1]} | {t['tiles'] / t['gemm']:.2f}x | "
+                  f"{t['bf16'] / t['gemm']:.2f}x | {t['gemm1'] / t['gemm']:.2f}x |")
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
 
 
 def decode_table(args, gemv, quant) -> None:

@@ -15,18 +15,22 @@ needs_gemm = pytest.mark.skipif(gemv.GEMM_LIBRARY.lib is None or gemv.DECODE_LIB
 
 @pytest.fixture(autouse=True)
 def int8_on(monkeypatch):
+    monkeypatch.delenv("MEMLM_GEMM_PLANES", raising=False)   # the default: two planes
     monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "1")    # the plain C path where VNNI is missing
     monkeypatch.setenv("MEMLM_INT8_GEMM", "1")           # opt-in (off by default: gemv.int8_gemm)
 
 
-def rounding_bound(x: torch.Tensor, held: gemv.BlockWeight) -> torch.Tensor:
-    """|y - x W^T| <= sum over blocks of max|x_block| / 254 * sum |w_block| (+ fp32 sums)."""
+def rounding_bound(x: torch.Tensor, held: gemv.BlockWeight, planes: int = 1) -> torch.Tensor:
+    """|y - x W^T| <= sum over blocks of max|x_block| / 254 * sum |w_block| (+ fp32 sums) with one
+    8-bit plane; with two, the second plane carries what the first left at 256 times the
+    resolution (its code clamped to 127 of a possible 128): max|x_block| / (127 * 256) per weight."""
     kp = held.padded_in
     xp = F.pad(x.double(), (0, kp - x.shape[1]))
     w = F.pad(gemv.dequantize(held).double(), (0, kp - held.in_features)).abs()
     g = kp // gemv.QK
     amax = xp.view(x.shape[0], g, gemv.QK).abs().amax(-1)                     # (M, G)
-    return amax / 254 @ w.view(w.shape[0], g, gemv.QK).sum(-1).t() + 1e-5 * (1 + w.sum(1))
+    step = 254 if planes == 1 else 127 * 256
+    return amax / step @ w.view(w.shape[0], g, gemv.QK).sum(-1).t() + 1e-5 * (1 + w.sum(1))
 
 
 def _case(codec, n, k, m, seed):
@@ -45,34 +49,49 @@ def _qmatmul(x: torch.Tensor, held: gemv.BlockWeight) -> torch.Tensor:
 
 
 @needs_gemm
+@pytest.mark.parametrize("planes", [1, 2])
 @pytest.mark.parametrize("codec", gemv.CODECS)
 @pytest.mark.parametrize("n, k, m", [(1, 32, 9), (17, 64, 16), (33, 96, 17), (47, 160, 33), (5, 50, 100),
                                      (100, 576, 100), (31, 1000, 513), (64, 288, 8)])
-def test_gemm_is_within_the_activation_rounding_bound(codec, n, k, m):
+def test_gemm_is_within_the_activation_rounding_bound(codec, n, k, m, planes, monkeypatch):
+    monkeypatch.setenv("MEMLM_GEMM_PLANES", str(planes))
     held, x = _case(codec, n, k, m, n * k + m)
-    assert gemv.int8_gemm() and m >= gemv.GEMM_MIN_ROWS
+    assert gemv.int8_gemm() and m >= gemv.GEMM_MIN_ROWS and gemv.gemm_planes() == planes
     y = gemv.block_matmul(x, held)
     exact = x.double() @ gemv.dequantize(held).double().t()
     err = (y.double() - exact).abs()
     assert y.shape == (m, n) and y.dtype == torch.float32
-    bound = rounding_bound(x, held)
+    bound = rounding_bound(x, held, planes)
     assert bool((err <= bound).all()), float((err / bound).max())
-    assert float(err.max()) > 0          # it did round: not the fp32 kernel
-    # the same integer sums as decode_q.c's qmatmul: only the fp32 summation order differs
-    torch.testing.assert_close(y, _qmatmul(x, held), rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+    if planes == 1:
+        assert float(err.max()) > 0          # it did round: not the fp32 kernel
+        # the same integer sums as decode_q.c's qmatmul: only the fp32 summation order differs
+        torch.testing.assert_close(y, _qmatmul(x, held), rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+    else:                                    # 256 times finer than one plane's rounding
+        assert bool((err <= rounding_bound(x, held, 1) / 64).all())
 
 
 @needs_gemm
+@pytest.mark.parametrize("planes", [1, 2])
 @pytest.mark.parametrize("codec", gemv.CODECS)
-def test_more_rows_than_one_activation_chunk(codec):
-    """K = 4096: the kernel quantizes 512 rows at a time (2 MiB), so 1030 rows take three chunks
-    (the last of 6 rows: not a whole register tile)."""
+def test_more_rows_than_one_activation_chunk(codec, planes, monkeypatch):
+    """K = 4096: the kernel quantizes as many rows as fit its 2 MiB workspace at a time (512 with
+    one plane, 256 with two), so 1030 rows take three or five chunks, the last of 6 rows: not a
+    whole register tile."""
+    monkeypatch.setenv("MEMLM_GEMM_PLANES", str(planes))
     held, x = _case(codec, 37, 4096, 1030, 7)
     assert 1030 * 4096 > 2 * gemv.GEMM_CHUNK_BYTES
     y = gemv.block_matmul(x, held)
     err = (y.double() - x.double() @ gemv.dequantize(held).double().t()).abs()
-    assert bool((err <= rounding_bound(x, held)).all())
-    torch.testing.assert_close(y[-6:], _qmatmul(x[-6:], held), rtol=1e-5, atol=1e-3)
+    assert bool((err <= rounding_bound(x, held, planes)).all())
+    if planes == 1:
+        torch.testing.assert_close(y[-6:], _qmatmul(x[-6:], held), rtol=1e-5, atol=1e-3)
+
+
+def test_a_bad_plane_count_is_refused(monkeypatch):
+    monkeypatch.setenv("MEMLM_GEMM_PLANES", "3")
+    with pytest.raises(ValueError, match="MEMLM_GEMM_PLANES must be 1 or 2"):
+        gemv.gemm_planes()
 
 
 @needs_gemm

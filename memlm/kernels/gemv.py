@@ -56,7 +56,7 @@ DECODE_LIBRARY = native.Library("decode_q", "decode_q.c", {
     "block_attn_out_mlp": [_P, _P, _P, ctypes.c_float, _I, _P, _I, _P, _I, _P, _I, _I, _I, _I],
 })
 # the blocked 8-bit-activation GEMM (prefill chunks and large batches)
-GEMM_LIBRARY = native.Library("gemm_q", "gemm_q.c", {"qgemm": [_I, _P, _P, _P, _I, _I, _I, _P]})
+GEMM_LIBRARY = native.Library("gemm_q", "gemm_q.c", {"qgemm": [_I, _P, _P, _P, _I, _I, _I, _I, _P]})
 # From this many rows of x on, W is dequantized to bf16 tile by tile and multiplied by the bf16
 # GEMM (each weight reused over all rows, bf16 rounding like the bf16 method's batched path)
 # instead of decoding blocks once per 8 rows: measured on SmolLM2's four projection shapes (AMD
@@ -177,6 +177,18 @@ def int8_gemm() -> bool:
         and GEMM_LIBRARY.lib is not None
 
 
+def gemm_planes() -> int:
+    """8-bit planes per activation in the blocked GEMM: 2 (the default) quantizes each block of
+    32 and then what that left, which carries ~15 bits of x; 1 is llama.cpp's Q8 activations.
+    `MEMLM_GEMM_PLANES=1|2`. Read per call: tests switch it."""
+    import os
+
+    env = os.environ.get("MEMLM_GEMM_PLANES", "2")
+    if env not in ("1", "2"):
+        raise ValueError(f"MEMLM_GEMM_PLANES must be 1 or 2, got {env!r}")
+    return int(env)
+
+
 def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> torch.Tensor:
     """x (M, K) float -> (M, N) fp32 = x @ W.T. Unless `exact` (the LM head: fp32 activations
     below TILE_MIN_ROWS rows), where `int8_activations()`: 8-bit activations, decode_q.c's qmatmul
@@ -210,7 +222,7 @@ def _int8_gemm(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
     y = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
     status = torch.zeros(1, dtype=torch.int32)
     GEMM_LIBRARY.lib.qgemm(GGML_TYPE_IDS[weight.codec], weight.blocks.data_ptr(), x.data_ptr(), y.data_ptr(),
-                           x.shape[0], weight.out_features, weight.padded_in, status.data_ptr())
+                           x.shape[0], weight.out_features, weight.padded_in, gemm_planes(), status.data_ptr())
     if int(status[0]) != 0:
         raise MemoryError(f"the 8-bit block GEMM could not allocate its workspace (about "
                           f"{GEMM_CHUNK_BYTES >> 20} MiB): free memory or set MEMLM_INT8_ACTIVATIONS=0")

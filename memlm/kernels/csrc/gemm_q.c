@@ -47,33 +47,61 @@ enum { QK = 32, TYPE_Q4_0 = 2, TYPE_Q4_1 = 3, TYPE_Q8_0 = 8, MR = 4, NP = 32, KQ
    bias = -off sum(q) (int32; off = 8 for Q4_0, 128 for Q8_0, 0 for Q4_1). */
 typedef struct { int8_t* q; float *d, *s; int32_t* bias; int K, G; } xact;
 
-static void quantize_row(const xact* a, int r, const float* x, int off) {
+/* One block of 32: q = round(xb * 127 / amax) into qb; returns the integer sum, *d = amax / 127. */
+static int quantize_block(const float* xb, int8_t* qb, float* d) {
+    int sum;
+#if defined(__AVX512F__)
+    const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512i ql = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(id)));
+    const __m512i qh = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(id)));
+    _mm_storeu_si128((__m128i*)qb, _mm512_cvtsepi32_epi8(ql));
+    _mm_storeu_si128((__m128i*)(qb + 16), _mm512_cvtsepi32_epi8(qh));
+    sum = _mm512_reduce_add_epi32(_mm512_add_epi32(ql, qh));
+#else
+    float amax = 0.f;
+    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    sum = 0;
+    for (int j = 0; j < QK; j++) { const int v = (int)nearbyintf(xb[j] * id); qb[j] = (int8_t)v; sum += v; }
+#endif
+    *d = amax / 127.f;
+    return sum;
+}
+
+/* Row `x` -> row r of `a`: per block, plane 0 is q0 = round(x / d0); with planes = 2, plane 1
+   is what that left at 256 times the resolution, q1 = round((x - d0 q0) 256 / d0) (|q1| <= 128,
+   clamped to 127), so x ~ (d0 / 256) (256 q0 + q1) and the kernel forms 256 isum0 + isum1 in
+   int32 (at most 2^28 in magnitude) under the one scale d = d0 / 256. */
+static void quantize_row(const xact* a, int r, const float* x, int off, int planes) {
     const int G = a->G;
-    int8_t* q = a->q + (int64_t)r * a->K;
+    int8_t* q = a->q + (int64_t)r * planes * a->K;
     float *d = a->d + (int64_t)r * G, *s = a->s + (int64_t)r * G;
     int32_t* bias = a->bias + (int64_t)r * G;
     for (int g = 0; g < G; g++) {
         const float* xb = x + g * QK;
-        int8_t* qb = q + g * QK;
-#if defined(__AVX512F__)
-        const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        const float id = amax > 0.f ? 127.f / amax : 0.f;
-        const __m512i ql = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(id)));
-        const __m512i qh = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(id)));
-        _mm_storeu_si128((__m128i*)qb, _mm512_cvtsepi32_epi8(ql));
-        _mm_storeu_si128((__m128i*)(qb + 16), _mm512_cvtsepi32_epi8(qh));
-        const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(ql, qh));
-#else
-        float amax = 0.f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float id = amax > 0.f ? 127.f / amax : 0.f;
-        int sum = 0;
-        for (int j = 0; j < QK; j++) { const int v = (int)nearbyintf(xb[j] * id); qb[j] = (int8_t)v; sum += v; }
-#endif
-        d[g] = amax / 127.f;
-        s[g] = d[g] * (float)sum;
-        bias[g] = -off * sum;
+        int8_t* q0 = q + g * QK;
+        float d0;
+        const int sum0 = quantize_block(xb, q0, &d0);
+        if (planes == 1) {
+            d[g] = d0;
+            s[g] = d0 * (float)sum0;
+            bias[g] = -off * sum0;
+            continue;
+        }
+        int8_t* q1 = q + a->K + g * QK;
+        const float up = d0 > 0.f ? 256.f / d0 : 0.f;
+        int sum1 = 0;
+        for (int j = 0; j < QK; j++) {
+            float v = nearbyintf((xb[j] - d0 * (float)q0[j]) * up);
+            v = v > 127.f ? 127.f : v < -127.f ? -127.f : v;
+            q1[j] = (int8_t)v;
+            sum1 += (int)v;
+        }
+        d[g] = d0 / 256.f;
+        s[g] = d[g] * (float)(256 * sum0 + sum1);
+        bias[g] = -off * (256 * sum0 + sum1);
     }
 }
 
@@ -177,31 +205,53 @@ static void decode_panel(int type, const uint8_t* W, int64_t row_bytes, int n0, 
 #endif
 }
 
+#if defined(GEMM_VNNI)
+/* 4 activation bytes broadcast to every dword of a zmm, as one load */
+static inline __m512i bcast4(const int8_t* p) {
+    float f;
+    memcpy(&f, p, 4);
+    return _mm512_castps_si512(_mm512_set1_ps(f));
+}
+#endif
+
 /* y[r][0..nc) = activation rows r0 .. r0 + mr of a . the panel's columns */
 static inline __attribute__((always_inline)) void tile(int type, const uint8_t* pu, const float* pd,
                                                       const float* pm, const xact* a, int r0, int mr,
-                                                      float* y, int64_t ldy, int nc) {
+                                                      float* y, int64_t ldy, int nc, int planes) {
     const int G = a->G, K = a->K;
+    const int64_t ldq = (int64_t)planes * K;             /* bytes from one row's planes to the next's */
 #if defined(GEMM_VNNI)
     __m512 f[MR][2];
     for (int r = 0; r < mr; r++) f[r][0] = f[r][1] = _mm512_setzero_ps();
     for (int g = 0; g < G; g++) {
-        __m512i acc[MR][2];
-        for (int r = 0; r < mr; r++)
-            acc[r][0] = acc[r][1] = type == TYPE_Q4_1 ? _mm512_setzero_si512()
-                                                      : _mm512_set1_epi32(a->bias[(int64_t)(r0 + r) * G + g]);
+        __m512i acc[MR][2], acc1[MR][2];
+        for (int r = 0; r < mr; r++) {
+            const __m512i b = type == TYPE_Q4_1 ? _mm512_setzero_si512()
+                                                : _mm512_set1_epi32(a->bias[(int64_t)(r0 + r) * G + g]);
+            acc[r][0] = acc[r][1] = planes == 2 ? _mm512_setzero_si512() : b;
+            if (planes == 2) acc1[r][0] = acc1[r][1] = b;
+        }
         const uint8_t* pg = pu + (int64_t)g * KQ * NP * 4;
-        const int8_t* xg = a->q + (int64_t)r0 * K + g * QK;
+        const int8_t* xg = a->q + (int64_t)r0 * ldq + g * QK;
         for (int kq = 0; kq < KQ; kq++) {
             const __m512i w0 = _mm512_loadu_si512((const void*)(pg + kq * NP * 4));
             const __m512i w1 = _mm512_loadu_si512((const void*)(pg + kq * NP * 4 + 64));
             for (int r = 0; r < mr; r++) {
-                int32_t xv; memcpy(&xv, xg + (int64_t)r * K + 4 * kq, 4);
-                const __m512i xb = _mm512_set1_epi32(xv);
+                const __m512i xb = bcast4(xg + r * ldq + 4 * kq);
                 acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, xb);
                 acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, xb);
+                if (planes == 2) {
+                    const __m512i xr = bcast4(xg + r * ldq + K + 4 * kq);
+                    acc1[r][0] = _mm512_dpbusd_epi32(acc1[r][0], w0, xr);
+                    acc1[r][1] = _mm512_dpbusd_epi32(acc1[r][1], w1, xr);
+                }
             }
         }
+        if (planes == 2)
+            for (int r = 0; r < mr; r++) {
+                acc[r][0] = _mm512_add_epi32(_mm512_slli_epi32(acc[r][0], 8), acc1[r][0]);
+                acc[r][1] = _mm512_add_epi32(_mm512_slli_epi32(acc[r][1], 8), acc1[r][1]);
+            }
         const __m512 d0 = _mm512_loadu_ps(pd + g * NP), d1 = _mm512_loadu_ps(pd + g * NP + 16);
         for (int r = 0; r < mr; r++) {
             const __m512 dx = _mm512_set1_ps(a->d[(int64_t)(r0 + r) * G + g]);
@@ -230,11 +280,16 @@ static inline __attribute__((always_inline)) void tile(int type, const uint8_t* 
         for (int c = 0; c < nc; c++) {
             float acc = 0.f;
             for (int g = 0; g < G; g++) {
-                int32_t isum = type == TYPE_Q4_1 ? 0 : a->bias[ro * G + g];
+                int32_t i0 = 0, i1 = 0;
                 const uint8_t* pg = pu + (int64_t)g * KQ * NP * 4 + c * 4;
-                const int8_t* xg = a->q + ro * K + g * QK;
+                const int8_t* xg = a->q + ro * ldq + g * QK;
                 for (int kq = 0; kq < KQ; kq++)
-                    for (int e = 0; e < 4; e++) isum += (int32_t)pg[kq * NP * 4 + e] * xg[4 * kq + e];
+                    for (int e = 0; e < 4; e++) {
+                        i0 += (int32_t)pg[kq * NP * 4 + e] * xg[4 * kq + e];
+                        if (planes == 2) i1 += (int32_t)pg[kq * NP * 4 + e] * xg[K + 4 * kq + e];
+                    }
+                int32_t isum = planes == 2 ? i0 * 256 + i1 : i0;
+                if (type != TYPE_Q4_1) isum += a->bias[ro * G + g];
                 acc += (float)isum * (pd[g * NP + c] * a->d[ro * G + g]);
                 if (type == TYPE_Q4_1) acc += pm[g * NP + c] * a->s[ro * G + g];
             }
@@ -244,18 +299,20 @@ static inline __attribute__((always_inline)) void tile(int type, const uint8_t* 
 #endif
 }
 
-void qgemm(int type, const uint8_t* W, const float* x, float* y, int M, int N, int K, int32_t* status) {
+void qgemm(int type, const uint8_t* W, const float* x, float* y, int M, int N, int K, int planes,
+           int32_t* status) {
     *status = 0;
-    if (block_bytes(type) == 0 || M <= 0 || N <= 0 || K <= 0 || K % QK) return;
+    if (block_bytes(type) == 0 || M <= 0 || N <= 0 || K <= 0 || K % QK || planes < 1 || planes > 2) return;
     const int G = K / QK, off = type == TYPE_Q8_0 ? 128 : type == TYPE_Q4_0 ? 8 : 0;
     const int64_t row_bytes = (int64_t)G * block_bytes(type);
-    int chunk = (int)(CHUNK_BYTES / K) / MR * MR;
+    /* chunk: rows of x quantized at once (planes x K bytes each), a multiple of MR */
+    int chunk = (int)(CHUNK_BYTES / ((int64_t)K * planes)) / MR * MR;
     chunk = chunk < MR ? MR : chunk;
     chunk = chunk > M ? M : chunk;
     const int threads = omp_get_max_threads();
     const size_t panel_u = (size_t)G * KQ * NP * 4, panel_f = (size_t)G * NP;
     const size_t panel_bytes = (panel_u + 2 * panel_f * sizeof(float) + 63) / 64 * 64;
-    const size_t xq_bytes = ((size_t)chunk * K + 63) / 64 * 64;
+    const size_t xq_bytes = ((size_t)chunk * planes * K + 63) / 64 * 64;
     const size_t ws_bytes = xq_bytes + (size_t)chunk * G * 12 + (size_t)threads * panel_bytes;
     char* ws = (char*)aligned_alloc(64, (ws_bytes + 63) / 64 * 64);
     if (ws == NULL) { *status = 1; return; }
@@ -273,7 +330,7 @@ void qgemm(int type, const uint8_t* W, const float* x, float* y, int M, int N, i
         for (int c0 = 0; c0 < M; c0 += chunk) {
             const int rows = M - c0 < chunk ? M - c0 : chunk;
             _Pragma("omp for schedule(static)")
-            for (int r = 0; r < rows; r++) quantize_row(&a, r, x + (int64_t)(c0 + r) * K, off);
+            for (int r = 0; r < rows; r++) quantize_row(&a, r, x + (int64_t)(c0 + r) * K, off, planes);
             _Pragma("omp for schedule(static)")
             for (int p = 0; p < n_panels; p++) {
                 const int n0 = p * NP, nc = N - n0 < NP ? N - n0 : NP;
@@ -281,9 +338,10 @@ void qgemm(int type, const uint8_t* W, const float* x, float* y, int M, int N, i
                 float* yp = y + (int64_t)c0 * N + n0;
                 for (int r0 = 0; r0 < rows; r0 += MR) {
                     const int mr = rows - r0 < MR ? rows - r0 : MR;
-#define ROWS(T, R) case R: tile(T, pu, pd, pm, &a, r0, R, yp, N, nc); break;
-#define TYPE(T) case T: switch (mr) { ROWS(T, 1) ROWS(T, 2) ROWS(T, 3) ROWS(T, 4) } break;
-                    switch (type) { TYPE(TYPE_Q8_0) TYPE(TYPE_Q4_0) TYPE(TYPE_Q4_1) }
+#define ROWS(T, R, P) case R: tile(T, pu, pd, pm, &a, r0, R, yp, N, nc, P); break;
+#define TYPE(T, P) case T: switch (mr) { ROWS(T, 1, P) ROWS(T, 2, P) ROWS(T, 3, P) ROWS(T, 4, P) } break;
+                    if (planes == 1) { switch (type) { TYPE(TYPE_Q8_0, 1) TYPE(TYPE_Q4_0, 1) TYPE(TYPE_Q4_1, 1) } }
+                    else { switch (type) { TYPE(TYPE_Q8_0, 2) TYPE(TYPE_Q4_0, 2) TYPE(TYPE_Q4_1, 2) } }
 #undef TYPE
 #undef ROWS
                 }

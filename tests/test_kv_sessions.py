@@ -20,7 +20,9 @@ def loaded():
 def llm(loaded, **kw):
     kw.setdefault("kv_dtype", "fp32")
     kw.setdefault("enable_prefix_caching", False)
-    return LLM(loaded, engine="paged", verbose=False, num_kv_blocks=64, max_num_seqs=4, **kw)
+    engine = LLM(loaded, engine="paged", verbose=False, num_kv_blocks=64, max_num_seqs=4, **kw)
+    engine.engine.cost.learn = False      # the default rates: restoring pays (no timing noise)
+    return engine
 
 
 def conversation(turns: int, replies: list[str]) -> list[dict]:
@@ -102,7 +104,24 @@ def test_sessions_survive_a_restart_with_identical_outputs(loaded, tmp_path):
     assert second.metrics.session_hits == 1 and second.metrics.cold_bytes > 0
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "other_codec"])
+def forge(blob: bytes) -> bytes:
+    """`blob` claiming 64 more slots than its payload holds, with a valid checksum: it passes
+    the lookup and fails only while being decompressed into the blocks."""
+    import json
+    import struct
+    import zlib
+
+    from memlm.kv import entry as E
+    (hlen,) = struct.unpack_from("<I", blob, len(E.MAGIC))
+    start = len(E.MAGIC) + 4
+    header = json.loads(blob[start:start + hlen])
+    header["tensors"][0][2][2] += 64
+    text = json.dumps(header).encode()
+    body = E.MAGIC + struct.pack("<I", len(text)) + text + blob[start + hlen:-E.DIGEST_BYTES]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "other_codec", "forged"])
 def test_corrupt_truncated_or_foreign_session_files_are_recomputed(loaded, tmp_path, damage):
     plain = run_turns(llm(loaded), 2)
     first = llm(loaded, session_dir=str(tmp_path))
@@ -116,6 +135,8 @@ def test_corrupt_truncated_or_foreign_session_files_are_recomputed(loaded, tmp_p
         path.write_bytes(bytes(data))
     elif damage == "truncate":
         path.write_bytes(bytes(data[: len(data) - 100]))
+    elif damage == "forged":
+        path.write_bytes(forge(bytes(data)))
     kv_dtype = "fp16" if damage == "other_codec" else "fp32"
     second = llm(loaded, session_dir=str(tmp_path), kv_dtype=kv_dtype)
     got = run_turns(second, 2, "s1", replies)

@@ -287,3 +287,56 @@ def test_prefix_tier_demotes_only_reused_blocks_that_pay_and_checks_what_it_rest
     # recomputing is cheap: nothing demoted
     cheap = PrefixTier(store, CostModel(prefill_tokens_per_s=1e12, learn=False), FP, warm=WarmTier(1 << 20))
     assert not cheap.demote(CachedBlock(0, h0, None, 0, (1, 2, 3, 4), hits=5))
+
+
+def test_warm_make_room_evicts_before_an_entry_exists_and_never_past_capacity():
+    warm = WarmTier(300)
+    for k in ("s1", "s2"):
+        assert warm.put(k, b"x" * 100, Priority.IDLE_SESSION)
+    assert warm.put("w1", b"x" * 100, Priority.SWAPPED)
+    assert not warm.make_room(301, Priority.SWAPPED) and warm.evictions == 0 and len(warm.keys()) == 3
+    assert warm.make_room(150, Priority.SWAPPED)                   # the two idle sessions go
+    assert warm.keys() == ["w1"] and warm.nbytes == 100 and warm.evictions == 2
+    assert not warm.make_room(250, Priority.SWAPPED)               # swapped entries never evict each other
+    assert warm.put("w2", b"x" * 200, Priority.SWAPPED) and warm.nbytes == 300 <= warm.capacity
+
+
+def test_cold_writer_reserves_its_room_streams_pieces_and_never_exceeds_the_budget(tmp_path):
+    cold = ColdTier(tmp_path, capacity=1000)
+    assert cold.put("old", b"o" * 300)
+    cold.flush()
+    w = cold.writer("a", 600)                  # 300 + 600 fit: nothing evicted yet
+    assert w is not None and cold.nbytes == 900 and "old" in cold
+    assert cold.writer("b", 500) is None and "old" in cold and cold.nbytes == 900   # evicting is not enough
+    b = cold.writer("b", 400)                  # evicts "old": reservations count as used
+    assert b is not None and "old" not in cold and cold.nbytes == 1000 and "a" not in cold
+    b.abort()
+    w.write(b"a" * 250)
+    w.write(b"b" * 250)
+    with pytest.raises(OSError, match="exceeds the 600 bytes reserved"):
+        w.write(b"c" * 200)
+    w.abort()
+    assert not list(tmp_path.glob(".*.tmp")) and cold.nbytes <= cold.capacity
+    w = cold.writer("a", 600)
+    w.write(b"a" * 400)
+    assert w.commit() and cold.get("a") == b"a" * 400      # readable before it is durable
+    cold.flush()
+    assert (tmp_path / "a.kv").read_bytes() == b"a" * 400 and cold.nbytes <= cold.capacity
+    assert cold.writer("huge", 1001) is None
+    cold.discard("a")
+    assert cold.nbytes == sum(p.stat().st_size for p in tmp_path.glob("*.kv")) <= cold.capacity
+    cold.close()
+
+
+def test_cold_writer_refuses_when_only_entries_being_written_hold_the_room(tmp_path):
+    cold = ColdTier(tmp_path, capacity=1000)
+    first = cold.writer("a", 700)
+    assert cold.writer("b", 400) is None and cold.nbytes == 700     # nothing of "a" can be evicted
+    first.write(b"a" * 10)
+    assert first.commit()
+    cold.flush()
+    second = cold.writer("b", 995)                                  # now "a" (10 bytes) is evicted
+    assert second is not None and "a" not in cold and cold.nbytes == 995 and cold.evictions == 1
+    second.abort()
+    assert cold.nbytes == 0
+    cold.close()

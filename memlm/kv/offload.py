@@ -12,17 +12,18 @@ process are deleted at start.
 Does not know: who is preempted or admitted (`engine/scheduler.py`), block bookkeeping
 (`manager.py`), the store's layout (it moves whatever `KVStore.export_blocks` returns).
 
-    preempt:  table ─export─▶ KVEntry ─encode (zstd)─▶ warm (or cold)     seq computed := 0
-    admit:    restorable_tokens(seq) = t  -> allocate blocks for t + chunk
-              restore(seq, table) ─decode─▶ import into table[:blocks(t)]  seq computed := t
+    preempt:  table ─chunks─▶ encode_stream (zstd) ─▶ warm bytes (or the cold file)  computed := 0
+    admit:    restorable_tokens(seq) = t  (entry read, checksum checked) -> allocate t + chunk
+              restore(seq, table) ─decode_into, chunk by chunk─▶ table[:blocks(t)]  computed := t
 """
 from __future__ import annotations
 
+import io
 import itertools
 import time
 
 from memlm.kv.cost import CostModel, Priority, Tier
-from memlm.kv.entry import EntryError, KVEntry, decode, fingerprint
+from memlm.kv.entry import EntryError, StoredEntry, encode_stream, fingerprint, max_size, open_entry
 from memlm.kv.prefix_tier import PrefixTier
 from memlm.kv.sessions import SessionStore
 from memlm.kv.store import KVStore
@@ -64,9 +65,10 @@ class KVOffload:
             if warm is not None or cold is not None else None
         self._prefix = f"{SWAP_PREFIX}{next(_engine_ids)}-"
         self._swapped: dict[int, tuple[str, int, Tier]] = {}    # seq_id -> (key, tokens, tier)
-        self._resume: dict[int, tuple[KVEntry, int, Tier]] = {} # seq_id -> session entry found
+        self._resume: dict[int, tuple[StoredEntry, int, Tier]] = {} # seq_id -> session entry found
         self.stats = dict(swaps_out=0, swaps_in=0, swap_declined=0, session_hits=0,
-                          session_tokens_restored=0, raw_bytes_saved=0, blob_bytes_saved=0)
+                          session_tokens_restored=0, raw_bytes_saved=0, blob_bytes_saved=0,
+                          restore_seconds=0.0, restore_cpu_seconds=0.0)   # reads + restores
         if cold is not None:
             for key in cold.keys():
                 if key.startswith(SWAP_PREFIX):
@@ -89,15 +91,14 @@ class KVOffload:
             self.stats["swap_declined"] += 1
             return False
         key = f"{self._prefix}{seq.seq_id}"
-        blob = self._encode(seq.token_ids_slice(0, tokens), block_ids[:nb])
-        for tier, store in tiers:
-            ok = store.put(key, blob, Priority.SWAPPED) if tier is Tier.WARM else store.put(key, blob)
-            if ok:
-                self._swapped[seq.seq_id] = (key, tokens, tier)
-                self.stats["swaps_out"] += 1
-                return True
-        self.stats["swap_declined"] += 1
-        return False
+        tier = self._save(key, seq.token_ids_slice(0, tokens), block_ids[:nb], Priority.SWAPPED,
+                          [t for t, _ in tiers], both=False)
+        if tier is None:
+            self.stats["swap_declined"] += 1
+            return False
+        self._swapped[seq.seq_id] = (key, tokens, tier)
+        self.stats["swaps_out"] += 1
+        return True
 
     # ---- admission -----------------------------------------------------------------------
     def restorable_tokens(self, seq, hot_tokens: int = 0) -> int:
@@ -117,7 +118,9 @@ class KVOffload:
         known = self.sessions.known_tokens(sid, seq.prompt_token_ids)
         if known is not None and known <= hot_tokens:
             return 0
-        found = self.sessions.lookup(sid, seq.prompt_token_ids)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        found = self.sessions.lookup(sid, seq.prompt_token_ids)       # read + checksum
+        self._timed(t0, c0)
         if found is None:
             return 0
         _, tokens, tier = found
@@ -129,29 +132,39 @@ class KVOffload:
     def restore(self, seq, block_ids: list[int]) -> bool:
         """Copy the KV `restorable_tokens` promised into `block_ids` (the first blocks of `seq`'s
         new table). False when the entry is gone or rejected: the caller recomputes."""
-        t0 = time.perf_counter()
-        if seq.seq_id in self._swapped:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        swapped = seq.seq_id in self._swapped
+        if swapped:
             key, tokens, tier = self._swapped.pop(seq.seq_id)
             blob = self.warm.pop(key) if tier is Tier.WARM else self.cold.get(key)
             if tier is Tier.COLD:
                 self.cold.discard(key)
             try:
-                entry = decode(blob, self.fp) if blob is not None else None
+                entry = open_entry(blob, self.fp) if blob is not None else None
             except EntryError:
                 entry = None
             if entry is None or entry.tokens != seq.token_ids_slice(0, tokens):
                 return False
-            self.stats["swaps_in"] += 1
         elif seq.seq_id in self._resume:
             entry, tokens, tier = self._resume.pop(seq.seq_id)
-            self.stats["session_hits"] += 1
-            self.stats["session_tokens_restored"] += tokens
         else:
             return False
         nb = -(-tokens // self.block_size)
-        n = nb * self.block_size
-        self.store.import_blocks(block_ids[:nb], {k: v[:, :, :n] for k, v in entry.tensors.items()})
-        self.cost.observe_restore(tier, nb * self.block_bytes, time.perf_counter() - t0)
+        try:        # straight from the (checked) blob into the blocks, chunk by chunk
+            entry.restore_into(self.store.block_rows(block_ids[:nb], flush=False))
+        except (EntryError, ValueError):
+            # a payload that passed the checksum yet does not decode (or another layout): the
+            # blocks written so far are recomputed by the caller; a session's file is dropped
+            if not swapped:
+                self.sessions.reject(seq.request.session_id)
+            self._timed(t0, c0)
+            return False
+        if swapped:
+            self.stats["swaps_in"] += 1
+        else:
+            self.stats["session_hits"] += 1
+            self.stats["session_tokens_restored"] += tokens
+        self.cost.observe_restore(tier, nb * self.block_bytes, self._timed(t0, c0))
         return True
 
     # ---- evicted prefix-cache blocks (prefix_tier.py) --------------------------------------
@@ -170,7 +183,9 @@ class KVOffload:
         nb = seq.num_computed_tokens // self.block_size
         if nb:
             tokens = seq.token_ids_slice(0, nb * self.block_size)
-            self.sessions.save(sid, self._encode(tokens, block_ids[:nb]), tokens)
+            tiers = [t for t, s in ((Tier.WARM, self.warm), (Tier.COLD, self.cold)) if s is not None]
+            self.sessions.save(sid, tokens, lambda key: self._save(key, tokens, block_ids[:nb],
+                                                                 Priority.IDLE_SESSION, tiers, both=True) is not None)
 
     def discard(self, seq) -> None:
         """Drop whatever is kept for `seq` (it finished or was aborted while swapped out)."""
@@ -195,11 +210,44 @@ class KVOffload:
                     compression_ratio=st["raw_bytes_saved"] / st["blob_bytes_saved"]
                     if st["blob_bytes_saved"] else 0.0)
 
-    def _encode(self, tokens: list[int], block_ids: list[int]) -> bytes:
+    def _timed(self, t0: float, c0: float) -> float:
+        dt = time.perf_counter() - t0
+        self.stats["restore_seconds"] += dt
+        self.stats["restore_cpu_seconds"] += time.thread_time() - c0
+        return dt
+
+    def _save(self, key: str, tokens: list[int], block_ids: list[int], priority: Priority,
+              tiers: list[Tier], both: bool) -> Tier | None:
+        """Encode the blocks straight from the pool (chunk by chunk: `entry.encode_stream`) into
+        the warm tier — room for the entry's largest possible size made first, so the tier never
+        goes over its capacity — and / or (`both`, or warm refused) the cold tier, streamed into
+        its file when warm is not used (no copy of the entry in RAM). The tier that took it."""
         t0 = time.perf_counter()
-        blob = KVEntry(tokens, self.store.export_blocks(block_ids), len(block_ids)).encode(self.fp)
         raw = len(block_ids) * self.block_bytes
+        rows = self.store.block_rows(block_ids)
+        bound = max_size(tokens, len(block_ids), rows, self.fp)
+        took, size = None, 0
+        if Tier.WARM in tiers:
+            self.warm.pop(key)          # superseded (a session's previous turn): its room counts
+        if Tier.WARM in tiers and self.warm.make_room(bound, priority):
+            buf = io.BytesIO()
+            size = encode_stream(tokens, len(block_ids), rows, self.fp, buf.write)
+            blob = buf.getvalue()
+            del buf
+            took = Tier.WARM if self.warm.put(key, blob, priority) else None
+            if Tier.COLD in tiers and (both or took is None) and self.cold.put(key, blob):
+                took = took or Tier.COLD
+        elif Tier.COLD in tiers:
+            w = self.cold.writer(key, bound)
+            if w is not None:
+                try:
+                    size = encode_stream(tokens, len(block_ids), rows, self.fp, w.write)
+                except OSError:
+                    w.abort()
+                else:
+                    took = Tier.COLD if w.commit() else None
         self.cost.observe_save(raw, time.perf_counter() - t0)
-        self.stats["raw_bytes_saved"] += raw
-        self.stats["blob_bytes_saved"] += len(blob)
-        return blob
+        if size:
+            self.stats["raw_bytes_saved"] += raw
+            self.stats["blob_bytes_saved"] += size
+        return took

@@ -2,14 +2,16 @@
 
 Owns: session ids (validated: 1-64 of A-Z a-z 0-9 _ -, so an id can never name a path outside
 the session directory), `SessionStore` — after a turn, the session's tokens and full KV blocks
-as one entry, in the warm tier (RAM) and, through the cold tier's background writer, as a file
-in the session directory that survives a restart (the directory listing is the index) — and
+as one entry, in the warm tier (RAM) and as a file in the session directory (streamed into a
+temp file, made durable by the cold tier's background thread) that survives a restart (the
+directory listing is the index) — and
 matching a new turn's prompt against what was saved: the longest common prefix in whole
 blocks, always leaving the prompt's last token to compute (its logits start the reply); and
 the token ids each session saved in this process (`known_tokens`), so a caller whose hot prefix
 cache already covers them need not read the entry.
 An entry whose checksum, length or fingerprint (model config, weight dtype, KV codec, block
-size, layout) does not match is removed and recomputed, never served.
+size, layout) does not match at lookup, or whose payload does not decode into the blocks at
+restore (`reject`), is removed and recomputed, never served.
 Does not know: the pool's blocks or when a turn ends (`offload.py`, asked by the scheduler),
 nor whether restoring pays (`cost.py`).
 
@@ -21,10 +23,11 @@ nor whether restoring pays (`cost.py`).
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from memlm.errors import RequestError
-from memlm.kv.cost import Priority, Tier
-from memlm.kv.entry import EntryError, KVEntry, decode
+from memlm.kv.cost import Tier
+from memlm.kv.entry import EntryError, StoredEntry, open_entry
 from memlm.kv.tiers import ColdTier, WarmTier
 
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -61,15 +64,13 @@ class SessionStore:
         self.saved = self.hits = self.rejected = 0
         self._tokens: dict[str, list[int]] = {}    # tokens saved by this process, by session id
 
-    def save(self, session_id: str, blob: bytes, tokens: list[int] | None = None) -> bool:
-        """Keep an encoded `KVEntry` (holding `tokens`) as the session's KV, replacing the
-        previous turn's; True if any tier took it (warm at once, cold when its writer gets to it)."""
+    def save(self, session_id: str, tokens: list[int], save: Callable[[str], bool]) -> bool:
+        """Keep the session's KV (an entry holding `tokens`, replacing the previous turn's):
+        `save(key)` encodes it into the tiers (`KVOffload._save`: warm and cold); True if any
+        tier took it."""
         key = KEY_PREFIX + validate_session_id(session_id)
-        if tokens is not None:
-            self._tokens[session_id] = list(tokens)
-        kept = self.warm is not None and self.warm.put(key, blob, Priority.IDLE_SESSION)
-        if self.cold is not None:
-            kept = self.cold.put(key, blob) or kept
+        self._tokens[session_id] = list(tokens)
+        kept = save(key)
         self.saved += kept
         return kept
 
@@ -80,23 +81,29 @@ class SessionStore:
         saved = self._tokens.get(validate_session_id(session_id))
         return None if saved is None else resumable_tokens(saved, prompt, self.block_size)
 
-    def lookup(self, session_id: str, prompt: list[int]) -> tuple[KVEntry, int, Tier] | None:
+    def lookup(self, session_id: str, prompt: list[int]) -> tuple[StoredEntry, int, Tier] | None:
         """(entry, tokens of `prompt` it holds, tier it came from), or None when nothing usable is
-        saved; a corrupt or foreign entry is deleted from both tiers (and counted)."""
+        saved; a corrupt or foreign entry is deleted from both tiers (and counted). The whole
+        blob is checked (checksum) here; its KV is decompressed only by the restore."""
         key = KEY_PREFIX + validate_session_id(session_id)
         for tier, store in ((Tier.WARM, self.warm), (Tier.COLD, self.cold)):
             blob = store.get(key) if store is not None else None
             if blob is None:
                 continue
             try:
-                entry = decode(blob, self.fp)
+                entry = open_entry(blob, self.fp)
             except EntryError:
-                self.rejected += 1
-                self.forget(session_id)
+                self.reject(session_id)
                 return None
             n = resumable_tokens(entry.tokens, prompt, self.block_size)
             return (entry, n, tier) if n else None
         return None
+
+    def reject(self, session_id: str) -> None:
+        """A saved entry turned out corrupt or foreign (at lookup or while restoring): count it
+        and delete it from both tiers."""
+        self.rejected += 1
+        self.forget(session_id)
 
     def forget(self, session_id: str) -> None:
         key = KEY_PREFIX + validate_session_id(session_id)

@@ -120,6 +120,18 @@ class KVStore:
         for name, t in own.items():
             t.index_copy_(2, slots, tensors[name].to(t.device))
 
+    def block_rows(self, block_ids: list[int], flush: bool = True) -> "BlockRows":
+        """Chunked access to the contents of `block_ids` (a tier's `ChunkSource` and sink for
+        `entry.encode_stream` / `entry.decode_into`), without a copy of them all. `flush`:
+        partial blocks in the window are encoded first (export) or dropped (import: the codes win)."""
+        if self.window is not None:
+            stages, blocks, fills = (torch.tensor(x, dtype=torch.long) for x in self.window.flush_all(block_ids))
+            if flush:
+                for li in range(self.codec.n_layers):
+                    self._encode_stages(li, stages, blocks, fills)
+        return BlockRows(self.block_tensors(), self._slots_of(block_ids) if block_ids else
+                         torch.zeros(0, dtype=torch.long, device=self.codec.device))
+
     # ---- writing and reading --------------------------------------------------------------
     def layer(self, depth: int) -> tuple:
         """(k cache, v cache, k scales, v scales) of one layer of a token codec; scales None
@@ -199,3 +211,58 @@ class KVStore:
             q, c.codes[li, 0], c.codes[li, 1], c.key_params(li), c.v_params[li, 0],
             win.kv[li, 0], win.kv[li, 1], win.stage_of_block, block_tables, lens,
             self.block_size, c.bits, c.group, mass)
+
+
+class BlockRows:
+    """Rows x slots chunks of a store's block tensors at some blocks' slots: each tensor
+    (A, B, pool slots, ...) is seen as A * B rows of `len(slots)` slots."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], slots: torch.Tensor):
+        self.tensors, self.slots = tensors, slots
+        n = int(slots.numel())
+        # blocks in ascending order, one after the other: plain slices instead of index copies
+        self.start = int(slots[0]) if n and torch.equal(
+            slots.cpu(), torch.arange(int(slots[0]), int(slots[0]) + n)) else None
+
+    def specs(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        n = int(self.slots.numel())
+        return [(name, t.dtype, (t.shape[0], t.shape[1], n, *t.shape[3:])) for name, t in self.tensors.items()]
+
+    def read(self, name: str, r0: int, r1: int, s0: int, s1: int) -> torch.Tensor:
+        """A new CPU tensor (r1 - r0, s1 - s0, ...) of rows r0..r1 at slots s0..s1."""
+        t, idx = self.tensors[name], self.slots[s0:s1]
+        out = torch.empty((r1 - r0, s1 - s0, *t.shape[3:]), dtype=t.dtype, device=t.device)
+        for i, r in enumerate(range(r0, r1)):
+            row = t[r // t.shape[1], r % t.shape[1]]
+            if self.start is not None:
+                out[i].copy_(row[self.start + s0:self.start + s1])
+            else:
+                torch.index_select(row, 0, idx, out=out[i])
+        return out.cpu()
+
+    def check(self, specs) -> None:
+        """Refuse chunks of another layout (ValueError) before anything is written; `specs` may
+        hold more slots than these blocks (the rest is skipped)."""
+        own = {name: (d, shape) for name, d, shape in self.specs()}
+        for name, dtype, shape in specs:
+            d, want = own.pop(name, (None, None))
+            if d != dtype or want is None or tuple(shape[:2]) + tuple(shape[3:]) != want[:2] + want[3:] \
+                    or shape[2] < want[2]:
+                raise ValueError(f"KV blocks to import do not match the store's {name!r} layout {want} {d}")
+        if own:
+            raise ValueError(f"KV blocks to import lack the store's tensors {sorted(own)}")
+
+    def write(self, name: str, r0: int, r1: int, s0: int, s1: int, src: torch.Tensor) -> None:
+        """Write `src` (r1 - r0, s1 - s0, ...) into rows r0..r1 at slots s0..s1 (slots past
+        these blocks are skipped)."""
+        s1 = min(s1, int(self.slots.numel()))
+        if s1 <= s0:
+            return
+        t, idx = self.tensors[name], self.slots[s0:s1]
+        src = src.to(t.device)
+        for i, r in enumerate(range(r0, r1)):
+            row = t[r // t.shape[1], r % t.shape[1]]
+            if self.start is not None:
+                row[self.start + s0:self.start + s1].copy_(src[i, :s1 - s0])
+            else:
+                row.index_copy_(0, idx, src[i, :s1 - s0])

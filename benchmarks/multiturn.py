@@ -13,12 +13,18 @@ serve_load.py, 127.0.0.1).
 
     python benchmarks/multiturn.py                                # memlm, vllm; 20 x 10
     python benchmarks/multiturn.py --servers memlm --conversations 4 --turns 3
+    python benchmarks/multiturn.py --servers memlm --max-deferred-steps 0,2,0,2   # hold-back A B A B
+
+--max-deferred-steps runs the memlm server once per value in the list, in that order, with
+MEMLM_MAX_DEFERRED_STEPS set (`engine/shared_prefix.py`: steps a prompt may wait for a shared
+prefix another request is computing; 0 = off); without it the server keeps its default.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 
@@ -81,8 +87,18 @@ def quantile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def bench(name: str, tokenizer, args) -> dict:
-    server = Server(name, args, "smollm2")
+def bench(name: str, tokenizer, args, max_deferred_steps: int | None = None) -> dict:
+    env_name = "MEMLM_MAX_DEFERRED_STEPS"         # memlm.engine.shared_prefix.ENV_MAX_DEFERRED_STEPS
+    before = os.environ.get(env_name)
+    if max_deferred_steps is not None:            # the server subprocess inherits the environment
+        os.environ[env_name] = str(max_deferred_steps)
+    try:
+        server = Server(name, args, "smollm2")
+    finally:
+        if before is None:
+            os.environ.pop(env_name, None)
+        else:
+            os.environ[env_name] = before
     try:
         startup = server.wait_ready()
         per, wall = asyncio.run(run_all(server, tokenizer, args))
@@ -90,7 +106,8 @@ def bench(name: str, tokenizer, args) -> dict:
         server.stop()
     all_t = [t for ts in per for t in ts]
     later = [t for ts in per for t in ts[1:]]
-    return {"server": name, "startup_s": startup, "wall_s": wall, "peak_rss": server.peak_rss,
+    label = name if max_deferred_steps is None else f"{name}[hold={max_deferred_steps}]"
+    return {"server": name, "label": label, "startup_s": startup, "wall_s": wall, "peak_rss": server.peak_rss,
             "ttft_p50": statistics.median(all_t), "ttft_p90": quantile(all_t, 0.9),
             "later_p50": statistics.median(later) if later else float("nan"),
             "first_p50": statistics.median(ts[0] for ts in per)}
@@ -106,7 +123,15 @@ def main() -> None:
     p.add_argument("--memlm-args", default="", help="extra memlm serve flags")
     p.add_argument("--context", type=int, default=2048, help="vllm's --max-model-len (default %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--max-deferred-steps", default="",
+                   help="comma-separated hold-back bounds, one memlm run each (e.g. 0,2,0,2)")
     args = p.parse_args()
+    try:
+        bounds = [int(b) for b in args.max_deferred_steps.split(",") if b.strip()]
+    except ValueError:
+        p.error(f"--max-deferred-steps {args.max_deferred_steps!r}: give whole numbers >= 0, e.g. 0,2,0,2")
+    if any(b < 0 for b in bounds):
+        p.error(f"--max-deferred-steps {args.max_deferred_steps!r}: bounds must be >= 0 (0: off)")
     args.max_waiting = max(64, args.conversations)
     servers = [s for s in args.servers.split(",") if s]
     for s in servers:
@@ -125,19 +150,19 @@ def main() -> None:
           f"{args.turns} turns, {args.max_tokens} tokens a reply, shared system prompt of "
           f"{len(tokenizer(SYSTEM)['input_ids'])} tokens; memlm {args.memory_budget} {args.memlm_args}", flush=True)
     rows = []
-    for s in servers:
-        r = bench(s, tokenizer, args)
+    runs = [(s, b) for s in servers for b in (bounds if s == "memlm" and bounds else [None])]
+    for s, b in runs:
+        r = bench(s, tokenizer, args, b)
         rows.append(r)
-        print(f"  {s:6s} TTFT p50 {r['ttft_p50'] * 1e3:7.1f} ms  p90 {r['ttft_p90'] * 1e3:7.1f} ms  "
+        print(f"  {r['label']:6s} TTFT p50 {r['ttft_p50'] * 1e3:7.1f} ms  p90 {r['ttft_p90'] * 1e3:7.1f} ms  "
               f"first turn p50 {r['first_p50'] * 1e3:7.1f} ms  turns 2+ p50 {r['later_p50'] * 1e3:7.1f} ms  "
               f"total {r['wall_s']:6.1f} s  peak RSS {r['peak_rss'] / 2**20:6.0f} MiB  start-up {r['startup_s']:.0f} s",
               flush=True)
-    by = {r["server"]: r for r in rows}
-    if "memlm" in by and "vllm" in by:
-        m, v = by["memlm"], by["vllm"]
+    v = next((r for r in rows if r["server"] == "vllm"), None)
+    for m in (r for r in rows if r["server"] == "memlm" and v is not None):
         ratio = v["ttft_p50"] / m["ttft_p50"]
-        print(f"vllm/memlm TTFT p50: {ratio:.2f}x lower for memlm ({'met' if ratio >= 2 else 'NOT met'}: >= 2x); "
-              f"total time memlm/vllm {m['wall_s'] / v['wall_s']:.2f}x")
+        print(f"vllm/{m['label']} TTFT p50: {ratio:.2f}x lower for memlm ({'met' if ratio >= 2 else 'NOT met'}: "
+              f">= 2x); total time memlm/vllm {m['wall_s'] / v['wall_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,22 @@ def linear_holding(w: torch.Tensor, b: torch.Tensor | None, method):
             layer.bias.copy_(b)
     layer.process(method)
     return layer
+
+
+def scheduler_request(i: int, prompt: list[int], max_tokens: int = 4):
+    """Request `i` (arrival i, sequence ids from 100 * i) for scheduler tests: greedy, ignore_eos."""
+    import itertools
+
+    from memlm import SamplingParams
+    from memlm.engine.request import Request
+    r = Request(str(i), None, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                ByteTokenizer(), arrival=i)
+    r.assign_seq_ids(itertools.count(100 * i))
+    return r
+
+
+def scheduler_step(sched, token: int = 65):
+    """One schedule() + update() in which every sampling sequence samples `token`."""
+    out = sched.schedule()
+    sched.update(out, {s.seq.seq_id: (token, None) for s in out.scheduled if s.samples})
+    return out

@@ -2,17 +2,15 @@
 once, `engine/shared_prefix.py`), decodes before prefill, the prefill cap while sequences
 decode, and small first chunks before long ones. Exact plans with a prefix cache and no model,
 then the engine's outputs against running each prompt alone."""
-import itertools
 
 import pytest
 
 import engine_fakes as ef
-from engine_fakes import ByteTokenizer
 
 from memlm import LLM, SamplingParams
 from memlm.engine import shared_prefix
 from memlm.engine.config import SchedulerConfig
-from memlm.engine.request import Request, RequestStatus
+from memlm.engine.request import RequestStatus
 from memlm.engine.scheduler import Scheduler
 from memlm.kv.manager import KVCacheManager
 from memlm.kv.prefix_cache import PrefixCache
@@ -25,7 +23,8 @@ PREFIX = list(range(1, 17))                     # 4 full blocks shared by every 
 @pytest.fixture(autouse=True)
 def hold_back(monkeypatch):
     """Holding back is off by default (it measured slower on benchmarks/multiturn.py); these
-    tests switch it on through the module's bound."""
+    tests switch it on through the module's bound (and ignore MEMLM_MAX_DEFERRED_STEPS)."""
+    monkeypatch.delenv(shared_prefix.ENV_MAX_DEFERRED_STEPS, raising=False)
     monkeypatch.setattr(shared_prefix, "MAX_DEFERRED_STEPS", 64)
 
 
@@ -35,17 +34,7 @@ def make(num_blocks=32, budget=64, max_seqs=4, cap=512, cache=True):
     return Scheduler(cfg, kv), kv
 
 
-def req(i, prompt, max_tokens=4):
-    r = Request(str(i), None, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                ByteTokenizer(), arrival=i)
-    r.assign_seq_ids(itertools.count(100 * i))
-    return r
-
-
-def step(sched, token=65):
-    out = sched.schedule()
-    sched.update(out, {s.seq.seq_id: (token, None) for s in out.scheduled if s.samples})
-    return out
+req, step = ef.scheduler_request, ef.scheduler_step
 
 
 def plan(out):

@@ -100,7 +100,8 @@ class Scheduler:
         sequence decodes, prefill gets at most `prefill_tokens_with_decodes` tokens (a new prompt
         waits one short step, not one full of others' prefill), and long running chunks leave
         waiting prompts' small first chunks their share. A waiting prompt whose next uncached
-        block another running sequence is computing waits for it (`SharedPrefixes`)."""
+        block another running sequence is computing waits for it (`SharedPrefixes`), keeping its
+        place in line: newer prompts admitted past it leave it its sequence slot and blocks."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[int] = []
@@ -134,13 +135,17 @@ class Scheduler:
         headroom = self._headroom() if self.waiting and not preempted else 0
         pos = 0                                 # waiting[:pos] wait on a shared prefix this step
         while pos < len(self.waiting) and budget > 0 and prefill > 0 \
-                and len(self.running) < self.config.max_num_seqs and not preempted:
+                and len(self.running) + pos < self.config.max_num_seqs and not preempted:
             seq = self.waiting[pos]
             # A sequence holding no KV starts after its cached prefix (never its last token), or
             # after what a KV tier restores when that covers more than the hot cache does.
             hit = (self.kv.find_cached_prefix(seq, seq.num_tokens)
                    if self._may_use_cache(seq) else NO_HIT)
             if self._may_defer(seq) and self.shared.should_defer(seq, hit):
+                # It keeps its place in line: a newer prompt admitted past it leaves it the
+                # sequence slot (`pos` above) and the blocks it would take now, else the newer
+                # one could hold them for its whole generation while this one waits.
+                headroom += self._growth(seq, hit)
                 pos += 1
                 continue
             restored = self._restorable(seq, hit)

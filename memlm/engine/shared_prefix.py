@@ -12,21 +12,41 @@ prefix once the same way, by its radix tree).
     step 2: B is admitted with a hit of 3 blocks and computes b3 only
 
 Never starves: a sequence is held back only while its next block's owner is running and has
-not computed it yet (the owner is older, so it is scheduled first and progresses), the entry is
-dropped when the owner is preempted, aborted or finished, and no sequence is held back for more
-than `MAX_DEFERRED_STEPS` steps in a row.
+not computed it yet (a running owner is scheduled before any admission, so it progresses), the
+entry is dropped when the owner is preempted, aborted or finished, no sequence is held back for
+more than `max_deferred_steps` steps in all (counted from its arrival to its admission, not "in a
+row": waiting on a second owner after the first does not start the count again, so the bound is on
+the time to first token that holding back may add), and a held-back sequence keeps its place in
+line (the scheduler leaves it its sequence slot and blocks while newer prompts are admitted past it).
 Does not know: block tables or the cache itself (it asks the `KVCacheManager` for hashes and
 hits), the step's token budget or preemption (`scheduler.py`), tensors.
 """
 from __future__ import annotations
 
+import os
+
 from memlm.engine.request import Sequence
 from memlm.kv.manager import KVCacheManager, PrefixHit
 
 # Steps a sequence may wait on a shared prefix before it computes it. Off (0) by default: on
-# benchmarks/multiturn.py (20 x 3, quiet, 2026-12-02 08:46 UTC) holding back cost more than the
-# repeated prefill it saves (TTFT p50 641 ms off, 745 ms at 2 steps, 844 ms at 64 steps).
+# benchmarks/multiturn.py (20 x 3, quiet, 2026-12-02 08:46 UTC, one run per bound, not alternated)
+# holding back cost more than the repeated prefill it saves (TTFT p50 641 ms off, 745 ms at 2
+# steps, 844 ms at 64 steps). Not yet re-measured after a held-back prompt keeps its place in line
+# (that fix does not change that workload: its 20 conversations never fill the 128 sequence slots).
+# MEMLM_MAX_DEFERRED_STEPS=N sets it for a process (a server, benchmarks/multiturn.py).
 MAX_DEFERRED_STEPS = 0
+ENV_MAX_DEFERRED_STEPS = "MEMLM_MAX_DEFERRED_STEPS"
+
+
+def default_max_deferred_steps() -> int:
+    """`MEMLM_MAX_DEFERRED_STEPS` when set (a whole number >= 0), else `MAX_DEFERRED_STEPS`."""
+    raw = os.environ.get(ENV_MAX_DEFERRED_STEPS, "").strip()
+    if not raw:
+        return MAX_DEFERRED_STEPS
+    if not raw.isdigit():
+        raise ValueError(f"{ENV_MAX_DEFERRED_STEPS}={raw!r} is not a whole number of steps >= 0; "
+                         "set it to e.g. 0 (off) or 2, or unset it")
+    return int(raw)
 
 
 class SharedPrefixes:
@@ -34,10 +54,14 @@ class SharedPrefixes:
 
     def __init__(self, kv: KVCacheManager, max_deferred_steps: int | None = None):
         self.kv = kv
-        self.max_deferred_steps = MAX_DEFERRED_STEPS if max_deferred_steps is None else max_deferred_steps
+        if max_deferred_steps is None:
+            max_deferred_steps = default_max_deferred_steps()
+        if max_deferred_steps < 0:
+            raise ValueError(f"max_deferred_steps must be >= 0 (0: never hold back), got {max_deferred_steps}")
+        self.max_deferred_steps = max_deferred_steps
         self._owner: dict[bytes, Sequence] = {}            # block hash -> sequence computing it
         self._owned: dict[int, tuple[list[bytes], int]] = {}  # seq_id -> (its hashes, end token)
-        self._deferred: dict[int, int] = {}                 # seq_id -> steps held back in a row
+        self._deferred: dict[int, int] = {}                 # seq_id -> steps held back in all
         self.num_deferrals = 0                              # (sequence, step) pairs held back
 
     @property

@@ -17,7 +17,7 @@ needs_gemm = pytest.mark.skipif(gemv.GEMM_LIBRARY.lib is None or gemv.DECODE_LIB
 def int8_on(monkeypatch):
     monkeypatch.delenv("MEMLM_GEMM_PLANES", raising=False)   # the default: two planes
     monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "1")    # the plain C path where VNNI is missing
-    monkeypatch.setenv("MEMLM_INT8_GEMM", "1")           # opt-in (off by default: gemv.int8_gemm)
+    monkeypatch.setenv("MEMLM_INT8_GEMM", "1")           # every row count (auto: up to GEMM_AUTO_MAX_ROWS)
 
 
 def rounding_bound(x: torch.Tensor, held: gemv.BlockWeight, planes: int = 1) -> torch.Tensor:
@@ -131,9 +131,17 @@ def test_without_the_native_library_it_is_dequantize_then_matmul(monkeypatch):
     torch.testing.assert_close(gemv.block_matmul(x, held), x @ gemv.dequantize(held).t(), rtol=1e-5, atol=1e-4)
 
 
-def test_the_gemm_is_opt_in(monkeypatch):
+def test_the_gemm_is_on_by_default_for_two_planes_up_to_the_auto_row_count(monkeypatch):
+    built = gemv.GEMM_LIBRARY.lib is not None
     monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "1")
     monkeypatch.delenv("MEMLM_INT8_GEMM", raising=False)
-    assert not gemv.int8_gemm()
-    monkeypatch.setenv("MEMLM_INT8_GEMM", "1")
-    assert gemv.int8_gemm() == (gemv.GEMM_LIBRARY.lib is not None)
+    assert gemv.int8_gemm(gemv.GEMM_AUTO_MAX_ROWS) == built and not gemv.int8_gemm(gemv.GEMM_AUTO_MAX_ROWS + 1)
+    monkeypatch.setenv("MEMLM_GEMM_PLANES", "1")                 # one plane: never unless asked
+    assert not gemv.int8_gemm(16)
+    monkeypatch.setenv("MEMLM_INT8_GEMM", "1")                   # every row count, either plane count
+    assert gemv.int8_gemm(4096) == built
+    monkeypatch.setenv("MEMLM_INT8_GEMM", "0")
+    assert not gemv.int8_gemm(16)
+    monkeypatch.setenv("MEMLM_INT8_GEMM", "yes")
+    with pytest.raises(ValueError, match="MEMLM_INT8_GEMM must be auto, 0 or 1"):
+        gemv.int8_gemm(16)

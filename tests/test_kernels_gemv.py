@@ -98,9 +98,9 @@ def test_warm_up_runs_one_full_and_one_partial_tile_not_the_whole_weight(monkeyp
     gemv.warm_up(held, 40, exact=True)                          # the LM head: bf16 tiles at 40 rows
     assert sorted(seen) == [((40, 64), 3, True), ((40, 64), 5, True)]
     seen.clear()
-    monkeypatch.setattr(gemv, "int8_gemm", lambda: True)        # projections on the 8-bit GEMM: no state
+    monkeypatch.setattr(gemv, "int8_gemm", lambda rows=None: True)       # projections on the 8-bit GEMM: no state
     gemv.warm_up(held, 40)
     assert seen == []
-    monkeypatch.setattr(gemv, "int8_gemm", lambda: False)       # ... and without it, tiles again
+    monkeypatch.setattr(gemv, "int8_gemm", lambda rows=None: False)      # ... and without it, tiles again
     gemv.warm_up(held, 40)
     assert sorted(seen) == [((40, 64), 3, False), ((40, 64), 5, False)]

@@ -66,10 +66,13 @@ GEMM_LIBRARY = native.Library("gemm_q", "gemm_q.c", {"qgemm": [_I, _P, _P, _P, _
 TILE_MIN_ROWS = 16
 INT8_MAX_ROWS = 8               # decode_q.c's qmatmul: 8-bit activations up to this many rows
 # From this many rows on, where `int8_activations()`, the blocked GEMM (gemm_q.c) replaces both
-# qmatmul and the bf16 tiles. Measured (`benchmarks/weight_kernels.py --batch-rows`, Zen 5, 2
-# threads, 2026-12-02): at 8 rows 1.0-1.5x qmatmul, from 16 to 2048 rows 1.5-3.2x the bf16 tiles
-# and 1.3-1.9x the bf16 method's own matmul on SmolLM2's projections; perplexity -0.19% vs fp32.
+# qmatmul and the bf16 tiles, up to GEMM_AUTO_MAX_ROWS rows by default (`int8_gemm`). Measured
+# (`benchmarks/weight_kernels.py --rows none --batch-rows 16,32,64,128,192,256,512 --threads 2`, AMD
+# EPYC Zen 5, quiet, 2026-12-02 22:29 UTC) on SmolLM2's four Q4_1 projections, with two activation
+# planes: vs the bf16 tiles 1.6-1.9x at 16 rows, 1.2-1.4x at 32, 1.0-2.2x at 64, 1.0-1.3x at 128,
+# 1.0-1.2x at 192, 0.9-1.05x at 256, 0.8-0.9x at 512; one plane is 1.5-2.3x faster than two.
 GEMM_MIN_ROWS = 8
+GEMM_AUTO_MAX_ROWS = 128
 GEMM_CHUNK_BYTES = 1 << 21       # gemm_q.c's CHUNK_BYTES: 8-bit activation bytes held at once
 TILE_ELEMENTS = 1 << 22          # weights per dequantized tile: 8 MiB of bf16 workspace at most
 
@@ -163,18 +166,26 @@ def dequantize(weight: BlockWeight) -> torch.Tensor:
     return dequantize_rows(weight.blocks, weight.codec, weight.in_features)
 
 
-def int8_gemm() -> bool:
-    """Whether block matmuls of GEMM_MIN_ROWS rows or more take the blocked 8-bit GEMM: only
-    with `MEMLM_INT8_GEMM=1` (and `int8_activations()`, and its library built). Off by default:
-    8-bit activations in prefill, about 1% relative error per projection on SmolLM2's real
-    activations, flip the embedded model's greedy answer to the Quickstart prompt ("What is the
-    capital of France?": "L'Etoile, la Marseillaise, ..." instead of "The capital of France is
-    Paris."), although held-out perplexity reads -0.19% (BENCHMARKS.md). Decode steps of up to 8
-    rows keep their 8-bit path (`int8_activations`). Read per call: tests switch it."""
+def int8_gemm(rows: int | None = None) -> bool:
+    """Whether a block matmul of `rows` rows (GEMM_MIN_ROWS or more; None: any such count) takes
+    the blocked 8-bit GEMM, given `int8_activations()` and its library built. `MEMLM_INT8_GEMM`:
+    `auto` (the default) from GEMM_MIN_ROWS to GEMM_AUTO_MAX_ROWS rows, where it beats the bf16
+    tiles (decode batches, short prefills); `1` at every row count (prefill chunks too); `0` never.
+    With one activation plane (`MEMLM_GEMM_PLANES=1`, llama.cpp's Q8) `auto` means never: about 1%
+    relative error per projection on SmolLM2's real activations flips the embedded model's greedy
+    answer to the Quickstart prompt ("What is the capital of France?": "L'Etoile, la Marseillaise,
+    ..." instead of "The capital of France is Paris."); two planes keep it. Read per call: tests
+    switch it."""
     import os
 
-    return os.environ.get("MEMLM_INT8_GEMM", "0") == "1" and int8_activations() \
-        and GEMM_LIBRARY.lib is not None
+    mode = os.environ.get("MEMLM_INT8_GEMM", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"MEMLM_INT8_GEMM must be auto, 0 or 1, got {mode!r}")
+    if mode == "0" or not int8_activations() or GEMM_LIBRARY.lib is None:
+        return False
+    if mode == "1":
+        return True
+    return gemm_planes() == 2 and (rows is None or rows <= GEMM_AUTO_MAX_ROWS)
 
 
 def gemm_planes() -> int:
@@ -203,7 +214,7 @@ def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> t
         return x[:, :weight.in_features] @ dequantize(weight).t()
     x = x.contiguous()
     m = x.shape[0]
-    if m >= GEMM_MIN_ROWS and not exact and int8_gemm():
+    if m >= GEMM_MIN_ROWS and not exact and int8_gemm(m):
         return _int8_gemm(x, weight)
     if m >= TILE_MIN_ROWS and _bf16_gemm_is_fast():
         return _tiled_bf16_matmul(x, weight)
@@ -256,7 +267,7 @@ def warm_up(weight: BlockWeight, m: int, exact: bool = False) -> None:
     height, so one full tile and the last partial one, each run as a weight of its own, make
     them all. (The whole LM head at 2048 rows would be a 400 MB output, outside the budget,
     before the plan exists.) Nothing to do where those rows take the 8-bit GEMM (no state)."""
-    if not exact and m >= GEMM_MIN_ROWS and int8_gemm():
+    if not exact and m >= GEMM_MIN_ROWS and int8_gemm(m):
         return
     kp, n = weight.padded_in, weight.out_features
     rows = max(1, min(n, TILE_ELEMENTS // kp))

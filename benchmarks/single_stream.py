@@ -52,6 +52,20 @@ LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
 COPIES = Path(os.path.expanduser("~")) / ".cache" / "memlm" / "bench"
 
 
+def writer_like(reader, tmp: Path):
+    """A GGUFWriter at `tmp` (COPIES made) holding every metadata key of `reader`'s file."""
+    import gguf
+    COPIES.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(tmp), reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    return w
+
+
 def gguf_copy(qtype: str) -> Path:
     """The embedded SmolLM2 GGUF (Q4_1) itself, or its weights rewritten as `qtype` (Q8_0 / F16;
     norms stay F32), every metadata key copied; written once and cached."""
@@ -67,16 +81,8 @@ def gguf_copy(qtype: str) -> Path:
     import numpy as np
     from gguf import GGMLQuantizationType as T
     reader = gguf.GGUFReader(str(src))
-    arch = reader.fields["general.architecture"].contents()
-    COPIES.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    w = gguf.GGUFWriter(str(tmp), arch)
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(name, field.contents(), vtype, sub_type=sub)
+    w = writer_like(reader, tmp)
     target = T[qtype]
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape))

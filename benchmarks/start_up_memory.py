@@ -11,7 +11,9 @@ SmolLM2 (the same steps as `memlm generate --chat`, taken one at a time so each 
 Checkpoints: the interpreter alone, after `import torch`, after importing memlm, after the
 budget's baseline (`MemoryBudget.create`, which hands clean library code back to the page
 cache), after loading the weights and the tokenizer, after the engine's start-up (warm-up,
-profile, plan, KV pool), in the middle of the reply, and the kernel's peak (VmHWM) at the end.
+profile, plan, KV pool), in the middle of the reply, and at its end. "phase peak" is the kernel's
+high-water mark (VmHWM) since the row before (reset after each row; the engine's own resets inside
+a phase can hide part of it), and the last row is the process's peak across every reset.
 Kinds: text (code of shared libraries), lib_ro / lib_rw (their read-only / writable data),
 file_shared (shared file maps), heap, anon (anonymous maps: tensors, thread stacks, arenas),
 stack, other. Runs in a fresh child process so the parent's imports are not in the figures.
@@ -36,8 +38,11 @@ def child(args) -> None:
 
     def mark(name: str) -> None:
         with open("/proc/self/status") as f:
-            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-        rows.append((name, rss, resident_by_kind()))
+            status = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in f)
+                      if k in ("VmRSS", "VmHWM")}
+        rows.append((name, status["VmRSS"], status["VmHWM"], resident_by_kind()))
+        with open("/proc/self/clear_refs", "w") as f:    # the next row's peak is its phase's own
+            f.write("5")
 
     mark("interpreter")
     import torch  # noqa: F401
@@ -65,6 +70,15 @@ def child(args) -> None:
     knobs = {k: v for k, v in (("max_num_batched_tokens", args.batch_tokens), ("num_kv_blocks", args.kv_blocks))
              if v is not None}
     cfg = EngineConfig(max_model_len=loaded.config.max_position_embeddings, max_num_seqs=1, **knobs)
+    from memlm.engine.runner import ModelRunner
+    warm_up, warm = ModelRunner.warm_up, {}
+
+    def measured_warm_up(runner, *a):      # the engine's start-up peak is its warm-up's or its profile's
+        with mem.phase_peak() as phase:
+            warm["before"] = mem.current_rss()
+            warm_up(runner, *a)
+        warm["peak"], warm["after"] = phase.peak, mem.current_rss()
+    ModelRunner.warm_up = measured_warm_up
     engine = LLMEngine(loaded.model, cfg, budget, "cpu", verbose=True)
     mark("engine start-up")
     tok = loaded.tokenizer
@@ -78,7 +92,8 @@ def child(args) -> None:
         if steps == args.new_tokens // 2:
             mark("mid-reply (decode)")
     mark("reply done")
-    print(json.dumps({"rows": rows, "peak": mem.peak_rss(), "weight_dtype": weight_dtype,
+    peak = max(mem.peak_rss(), *(hwm for _, _, hwm, _ in rows))   # each row reset the mark
+    print(json.dumps({"rows": rows, "peak": peak, "weight_dtype": weight_dtype, "warm_up": warm,
                       "plan": engine.describe_plan()}))
 
 
@@ -103,16 +118,20 @@ def main() -> None:
     if out.returncode != 0:
         sys.exit(f"error: the measured process failed:\n{out.stderr.strip()}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    kinds = list(res["rows"][0][2])
+    kinds = list(res["rows"][0][3])
     trim = os.environ.get("MEMLM_TRIM_TEXT", "1")
     print(f"# start-up memory: SmolLM2 chat, --weight-dtype {args.weight_dtype} ({res['weight_dtype']}), "
           f"--memory-budget {args.memory_budget}, step {args.batch_tokens or 'default'}, "
           f"KV blocks {args.kv_blocks or 'planned'}, {args.threads} threads, MEMLM_TRIM_TEXT={trim}; MiB")
-    print(f"| checkpoint | RSS | " + " | ".join(kinds) + " |")
-    print("|---|---:|" + "---:|" * len(kinds))
-    for name, rss, by_kind in res["rows"]:
-        print(f"| {name} | {rss / MiB:.1f} | " + " | ".join(f"{by_kind[k] / MiB:.1f}" for k in kinds) + " |")
-    print(f"| peak (VmHWM) | {res['peak'] / MiB:.1f} |" + " |" * len(kinds))
+    print(f"| checkpoint | RSS | phase peak | " + " | ".join(kinds) + " |")
+    print("|---|---:|---:|" + "---:|" * len(kinds))
+    for name, rss, hwm, by_kind in res["rows"]:
+        print(f"| {name} | {rss / MiB:.1f} | {hwm / MiB:.1f} | " +
+              " | ".join(f"{by_kind[k] / MiB:.1f}" for k in kinds) + " |")
+    print(f"| peak of the process | | {res['peak'] / MiB:.1f} |" + " |" * len(kinds))
+    w = res["warm_up"]
+    print(f"engine warm-up (inside its start-up): RSS {w['before'] / MiB:.1f} -> peak {w['peak'] / MiB:.1f} "
+          f"-> {w['after'] / MiB:.1f} MiB; the profile's step workspace is in the plan below")
     print("memory plan:\n" + res["plan"])
 
 

@@ -59,3 +59,24 @@ def test_the_refusal_names_a_budget_that_completes_a_chat_reply():
     assert named <= 448, err                         # the issue's target for Q4_1 is 384 MiB
     ok = _chat(f"{named}MiB")
     assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
+
+
+def test_the_warm_up_runs_the_lm_head_only_at_rows_it_can_sample(monkeypatch):
+    """The head sees the sampled rows (max_num_seqs) or 64-row chunks of prompt logprobs, never a
+    whole step: warming it at 2048 rows was a transient of the (rows, vocab) logits for nothing
+    (55 MiB on SmolLM2 at 512 rows), while the other weights still warm at every step size."""
+    from memlm.engine.runner import LOGPROB_CHUNK
+    from memlm.kernels.cpu import row_bucket
+    from memlm.models.linear import set_weight_dtype
+    from memlm.models.transformer import Transformer
+    loaded = tiny_loaded(llama_config())
+    set_weight_dtype(loaded.model, "bf16")
+    head_rows, body_rows = [], []
+    logits, forward = Transformer.compute_logits, type(loaded.model.layers[0].mlp.down_proj).forward
+    monkeypatch.setattr(Transformer, "compute_logits",
+                        lambda self, h: (head_rows.append(h.shape[0]), logits(self, h))[1])
+    monkeypatch.setattr(type(loaded.model.layers[0].mlp.down_proj), "forward",
+                        lambda self, x: (body_rows.append(x.shape[0]), forward(self, x))[1])
+    LLM(loaded, memory_budget="16GiB", verbose=False, max_num_seqs=8)
+    assert max(body_rows) >= MAX_NUM_BATCHED_TOKENS
+    assert head_rows and max(head_rows) == row_bucket(max(8, LOGPROB_CHUNK)), sorted(set(head_rows))

@@ -26,8 +26,8 @@ from memlm.engine.scheduler import Scheduler
 from memlm.errors import OutOfBudgetError
 from memlm.memory import budget as mem
 from memlm.memory import resident
-from memlm.memory.plan import (ALLOCATOR_SLACK, MIN_KV_TOKENS, NEED_STEP, MemoryPlan, StepProfile, fit_step,
-                               min_budget, plan_memory)
+from memlm.memory.plan import (ALLOCATOR_SLACK, MIN_KV_TOKENS, NEED_HEADROOM, NEED_STEP, MemoryPlan,
+                               StepProfile, fit_step, min_budget, plan_memory)
 from memlm.kernels import attention as paged_attention
 from memlm.kv.cost import CostModel
 from memlm.kv.manager import KVCacheManager
@@ -220,7 +220,7 @@ class LLMEngine:
             raise OutOfBudgetError(f"memory budget {format_size(budget.total)} cannot hold the model, a "
                                    f"{tokens}-token step and a minimal KV cache ({MIN_KV_TOKENS} tokens): "
                                    f"needs about {format_size(need)}; use --memory-budget "
-                                   f"{mem.round_up(need, NEED_STEP)}")
+                                   f"{mem.round_up(need + NEED_HEADROOM, NEED_STEP)}")
         if (tokens, seqs) == (config.max_num_batched_tokens, config.max_num_seqs):
             return
         self.config = dataclasses.replace(config, max_num_batched_tokens=tokens, max_num_seqs=seqs)
@@ -240,15 +240,16 @@ class LLMEngine:
         mem.release_free_heap()
         warm = mem.current_rss()
         dropped = resident.drop_text_pages()
-        steps = 3 if dropped else 2   # the first step of three faults the code back in
-        for i in range(steps):
-            if i == steps - 2:        # the last two are measured: the second runs on the heap
-                mem.release_free_heap()   # the first one left (as all steps do)
-                before = mem.current_rss()
-                mem.reset_peak_rss()
-            self.runner.profile(self.config.max_num_batched_tokens, self.config.max_num_seqs, max_len,
-                                self.kv_dtype)
-        peak = mem.peak_rss()
+        step = lambda: self.runner.profile(self.config.max_num_batched_tokens,  # noqa: E731
+                                           self.config.max_num_seqs, max_len, self.kv_dtype)
+        if dropped:
+            step()                    # unmeasured: faults back the code a step runs
+        mem.release_free_heap()
+        before = mem.current_rss()
+        with mem.phase_peak() as measured:   # two steps: the second runs on the heap the first
+            step()                           # left (as all steps do)
+            step()
+        peak = measured.peak
         mem.release_free_heap()
         after = mem.current_rss()
         # What the steps left behind for good (thread pools, BLAS buffers) is not workspace.

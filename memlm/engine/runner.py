@@ -219,7 +219,9 @@ class ModelRunner:
         """Create every bf16 matmul shape the engine will use (oneDNN keeps per-shape state that
         stays resident; see `kernels.cpu.row_bucket`), so it is measured as resident, not workspace."""
         if self.device.type == "cpu":
-            self.model.warm_up(max(num_tokens, num_seqs))
+            # The head only runs the rows that sample, or chunks of prompt logprobs.
+            head_rows = max(num_seqs, min(num_tokens, LOGPROB_CHUNK))
+            self.model.warm_up(max(num_tokens, num_seqs), head_rows)
 
     def estimate_step_bytes(self, num_tokens: int, num_seqs: int, max_model_len: int) -> int:
         """A prediction, before anything runs, of what `warm_up` + `profile` at this step will

@@ -26,8 +26,9 @@ def usable(rows: int) -> bool:
 
 
 def weights_fit(*weights: gemv.BlockWeight) -> bool:
-    """True when each weight's K is a whole number of blocks (no padding: x is passed as is)."""
-    return all(w.padded_in == w.in_features for w in weights)
+    """True when each weight is a Q8_0 / Q4_0 / Q4_1 `BlockWeight` (K-quants take their own kernels)
+    whose K is a whole number of blocks (no padding: x is passed as is)."""
+    return all(w.codec in gemv.CODECS and w.padded_in == w.in_features for w in weights)
 
 
 def _type(w: gemv.BlockWeight) -> int:

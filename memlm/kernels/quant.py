@@ -29,7 +29,7 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_DEFAULT_GROUP = 32
 INT4_N_MULTIPLE = 16        # `_convert_weight_to_int4pack_for_cpu`: "expect N to be dividable by 16"
 INT8_K_MULTIPLE = 16        # `_weight_int8pack_mm` with bf16 x: other K segfault or sum wrong
-_ROWS_PER_BLOCK = 4096      # rows quantized at once (bounds the temporaries)
+_BLOCK_ELEMENTS = 1 << 18   # weights quantized at once: ~1 MiB fp32 per temporary (3 of them)
 
 
 def _pad_columns(w: torch.Tensor, k: int) -> torch.Tensor:
@@ -59,17 +59,20 @@ def _int8_padded(k: int, act_dtype: torch.dtype) -> int:
 def quantize_int8(w: torch.Tensor, act_dtype: torch.dtype) -> Int8Weight:
     """fp32 (N, K) -> int8 codes and per-row scales (symmetric, round to nearest).
 
-    Done in blocks of rows, so a large table (an embedding) needs no full-size temporaries.
+    Done in blocks of rows of about `_BLOCK_ELEMENTS` weights, so neither a large table (an
+    embedding) nor a fused projection needs full-size temporaries (4096-row blocks left 20 MiB
+    of them per SmolLM2 layer while loading: the int8 load peak).
     """
     n, k = w.shape
     kp = _int8_padded(k, act_dtype)
     q = torch.empty(n, kp, dtype=torch.int8)
     scales = torch.empty(n, dtype=act_dtype)
-    for r in range(0, n, _ROWS_PER_BLOCK):
-        blk = w[r:r + _ROWS_PER_BLOCK].detach().float()
+    rows = max(1, _BLOCK_ELEMENTS // max(1, k))
+    for r in range(0, n, rows):
+        blk = w[r:r + rows].detach().float()
         s = (blk.abs().amax(dim=1) / 127).clamp_min(1e-12).to(act_dtype)            # (rows,)
-        scales[r:r + _ROWS_PER_BLOCK] = s
-        q[r:r + _ROWS_PER_BLOCK, :k] = torch.round(blk / s.float()[:, None]).clamp_(-127, 127)
+        scales[r:r + rows] = s
+        q[r:r + rows, :k] = torch.round(blk / s.float()[:, None]).clamp_(-127, 127)
     if kp > k:
         q[:, k:] = 0                 # meets the zero columns `pad_input` appends to x
     return Int8Weight(q, scales, k)

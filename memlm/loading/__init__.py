@@ -89,13 +89,15 @@ def estimate_load_bytes(name_or_path: str | Path, weight_dtype=DEFAULT_WEIGHT_DT
 
 
 # A GGUF file's own precision -> the weight dtype that keeps it (`native_weight_dtype`)
-_OWN_DTYPE = {"q4_0": "int4", "q4_1": "int4", "q8_0": "int8", "f16": "bf16", "bf16": "bf16"}
+_OWN_DTYPE = {"q4_0": "int4", "q4_1": "int4", "q8_0": "int8", "f16": "bf16", "bf16": "bf16",
+              "q4_k": "int4", "q5_k": "int4", "q6_k": "int8"}      # both keep every K-quant
 
 
 def native_weight_dtype(name_or_path: str | Path) -> str | None:
     """The weight dtype that keeps a GGUF file's own precision (what most of its projection
-    weights are stored in): Q4_0 / Q4_1 -> int4 (blocks kept as loaded), Q8_0 -> int8 (blocks
-    kept), F16 / BF16 -> bf16. None for anything else (F32, K-quants, not a GGUF file)."""
+    weights are stored in): Q4_0 / Q4_1 / Q4_K / Q5_K -> int4 (blocks kept as loaded), Q8_0 /
+    Q6_K -> int8 (blocks kept), F16 / BF16 -> bf16. None for anything else (F32, other types,
+    not a GGUF file)."""
     path = _resolve(name_or_path)
     if not path.is_file() or path.suffix in PICKLE_SUFFIXES:
         return None

@@ -135,6 +135,7 @@ class WeightSink:
         self.converted.add(part)
         for n in [n for n in self.params if n.startswith(part + ".")]:
             del self.params[n]                    # drop the sink's references to the fp32 tensors
+        release_free_heap()   # the part's fp32 weights and its conversion's temporaries: RSS = live
 
     def finish(self) -> Transformer:
         """Check every parameter was filled; return the model in eval mode without gradients."""

@@ -7,8 +7,9 @@ GGUF file can be bad into a `ModelLoadError` with a one-line message.
 Does not know: the tokenizer's internals (`tokenizer.py`) or how weights are kept afterwards.
 The file is memory-mapped (`gguf_file.GGUFFile`); each tensor is dequantized to fp32, copied into
 the model, and its mapped pages are dropped, so the file is never held twice. A Q8_0 / Q4_0 /
-Q4_1 tensor whose linear method keeps that codec (`LinearMethod.keeps_blocks`) is copied as its
-blocks instead (rows permuted or split as bytes), never widened to fp32.
+Q4_1 / Q4_K / Q5_K / Q6_K tensor whose linear method keeps that codec (`LinearMethod.keeps_blocks`)
+is copied as its blocks instead, once, from the map (rows permuted or split as bytes), never
+widened to fp32 (`memlm.kernels.gemv`, K-quants `memlm.kernels.kquant`).
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import numpy as np
 import torch
 
 from memlm.config import ModelConfig
-from memlm.kernels import gemv
+from memlm.kernels import gemv, kquant
 from memlm.errors import MemlmError, ModelLoadError, UnsupportedModelError
 from memlm.loading.base import LoadedModel, WeightSink
-from memlm.loading.gguf_file import GGUFFile, TensorInfo
+from memlm.loading.gguf_file import SUPPORTED_TYPES, GGUFFile, TensorInfo
 from memlm.loading.tokenizer import Tokenizer
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "gpt2")
@@ -144,9 +145,9 @@ def _dequantize(f: GGUFFile, tensor: TensorInfo) -> np.ndarray:
             return data.astype(np.float32)
         return quants.dequantize(data, tensor.ggml_type).reshape(tensor.shape)
     except NotImplementedError as e:
-        raise UnsupportedModelError(f"{f.path}: tensor {tensor.name} uses quantization "
-                                    f"{tensor.ggml_type.name}, which memlm cannot dequantize; use a "
-                                    "F32/F16/BF16/Q8_0/Q4_0/Q4_1/K-quant GGUF") from e
+        raise UnsupportedModelError(f"{f.path}: tensor {tensor.name} uses GGML type "
+                                    f"{tensor.ggml_type.name}, which memlm cannot dequantize; supported types: "
+                                    f"{', '.join(SUPPORTED_TYPES)}") from e
 
 
 def _load_tensor(sink: WeightSink, cfg: ModelConfig, f: GGUFFile, tensor: TensorInfo, permute: bool) -> None:
@@ -165,7 +166,8 @@ def _load_tensor(sink: WeightSink, cfg: ModelConfig, f: GGUFFile, tensor: Tensor
     fused_qkv = target.endswith(("attn.qkv.weight", "attn.qkv.bias"))  # gpt2: (3H, ...) rows q|k|v
     targets = [target.replace("qkv", f"{p}_proj") for p in "qkv"] if fused_qkv else [target]
     codec = tensor.ggml_type.name.lower()
-    keep = codec in gemv.CODECS and all(sink.keeps_blocks(t, codec) for t in targets)
+    kernels = kquant if codec in kquant.CODECS else gemv if codec in gemv.CODECS else None
+    keep = kernels is not None and all(sink.keeps_blocks(t, codec) for t in targets)
     w = f.raw(tensor) if keep else _dequantize(f, tensor)   # (out, row bytes) uint8 | (out, in) fp32
     for t, chunk in zip(targets, np.split(w, 3, axis=0) if fused_qkv else [w]):
         if permute and name.endswith(("attn_q.weight", "attn_q.bias")):
@@ -173,7 +175,7 @@ def _load_tensor(sink: WeightSink, cfg: ModelConfig, f: GGUFFile, tensor: Tensor
         elif permute and name.endswith(("attn_k.weight", "attn_k.bias")):
             chunk = unpermute_qk(chunk, cfg.num_kv_heads)
         if keep:
-            sink.put_blocks(t, gemv.from_gguf_bytes(chunk, codec, chunk.shape[0], tensor.shape[1]))
+            sink.put_blocks(t, kernels.from_gguf_bytes(chunk, codec, chunk.shape[0], tensor.shape[1]))
         else:
             sink.put(t, torch.from_numpy(chunk))
 

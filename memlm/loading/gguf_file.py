@@ -33,6 +33,13 @@ _STRING, _ARRAY = 8, 9
 _MAX_COUNT = 1 << 32     # anything larger in a count field means a corrupt header
 
 
+# the tensor types memlm loads: kept as blocks where the linear method keeps them (Q8_0, Q4_0,
+# Q4_1, Q4_K, Q5_K, Q6_K), otherwise dequantized by gguf-py
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
+                   "Q4_K", "Q5_K", "Q6_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
+                   "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4")
+
+
 class _Truncated(Exception):
     pass
 
@@ -141,7 +148,7 @@ class GGUFFile:
                 qtype = GGMLQuantizationType(raw_type)
             except ValueError:
                 raise UnsupportedModelError(f"{self.path}: tensor {name} has unknown GGML type id {raw_type}; "
-                                            "this file needs a newer memlm/gguf, or re-quantize it") from None
+                                            f"re-quantize it to one of {', '.join(SUPPORTED_TYPES)}") from None
             block, type_size = GGML_QUANT_SIZES[qtype]
             n_elems = int(np.prod(dims)) if dims else 1
             if n_elems % block:

@@ -1,8 +1,9 @@
 """MemoryBudget: the one number the whole process must stay under, and the probes that measure it.
 
-Owns: parsing/defaulting the budget, measuring the process (RSS, kernel peak RSS, resetting
-the peak, trimming the heap), the runtime baseline, and guarding the model load (refused before
-it starts when the file headers say it cannot fit; measured while it runs). Fails with
+Owns: parsing/defaulting the budget, measuring the process (RSS, kernel peak RSS, one phase's
+peak without hiding the process's, trimming the heap), the runtime baseline, and guarding the
+model load (refused before it starts when the file headers say it cannot fit; measured while
+it runs). Fails with
 `OutOfBudgetError` and one line saying how much is needed.
 Does not know: models, tensors or scheduling. What the rest of the budget buys (workspace,
 margin, KV blocks) is `memory/plan.py`'s arithmetic over these measurements.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import sys
 from dataclasses import dataclass
@@ -49,7 +51,8 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """The kernel's high-water mark of RSS (what `/usr/bin/time -v` reports), in bytes."""
+    """The kernel's high-water mark of RSS (VmHWM: what wait4 and `/usr/bin/time -v` report at
+    exit), in bytes: the process's peak so far, except inside a `phase_peak` block."""
     v = _status_kib("VmHWM")
     if v is None:
         import resource
@@ -57,8 +60,15 @@ def peak_rss() -> int:
     return v
 
 
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux clear_refs); False where unsupported."""
+@dataclass
+class PhasePeak:
+    """What `phase_peak` measured, in bytes: the phase's own peak RSS (0 until the block ends)."""
+
+    peak: int = 0
+    isolated: bool = False      # False: the reset is unsupported and `peak` is the process's
+
+
+def _reset_mark() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -67,10 +77,46 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def _raise_mark_to(mark: int) -> None:
+    """Touch anonymous pages until RSS reaches `mark`, then unmap them: the kernel's mark is then
+    at least `mark` again. RSS never goes above a peak the process had already reached."""
+    need = mark - current_rss()
+    if need < mmap.PAGESIZE:
+        return
+    with mmap.mmap(-1, need) as pages:
+        for i in range(0, need, mmap.PAGESIZE):
+            pages[i] = 1
+
+
+@contextlib.contextmanager
+def phase_peak():
+    """Measure the peak RSS of the code in the block, without hiding the process's peak.
+
+    The kernel keeps one high-water mark per process, and it is the one wait4 and
+    `/usr/bin/time -v` report at exit: seeing one phase's peak means resetting it (clear_refs).
+    So the block starts with a reset and ends by putting the process's mark back (touching
+    anonymous pages up to the old mark and unmapping them, a few ms per 100 MiB), and every
+    outside tool still reports the process's true peak. Not for concurrent phases.
+    """
+    mark = peak_rss()
+    res = PhasePeak(isolated=_reset_mark())
+    try:
+        yield res
+    finally:
+        res.peak = peak_rss()
+        if res.isolated and res.peak < mark:
+            _raise_mark_to(mark)
+
+
+_LIBC: list = []
+
+
 def release_free_heap() -> None:
     """Give freed heap pages back to the OS (glibc keeps them otherwise), so RSS = live data."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        if not _LIBC:
+            _LIBC.append(ctypes.CDLL("libc.so.6"))
+        _LIBC[0].malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -126,9 +172,9 @@ class MemoryBudget:
     def loading(self):
         """Wrap model loading: records weights + overhead and fails if loading broke the budget."""
         before = current_rss()
-        reset_peak_rss()
-        yield self
-        self.load_peak = peak_rss()
+        with phase_peak() as load:
+            yield self
+        self.load_peak = load.peak
         release_free_heap()
         after = current_rss()
         self.load_overhead = max(0, after - before)     # weights + tokenizer as resident now

@@ -15,9 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memlm.config import ModelConfig
-from memlm.kernels import block_layer, fused_ops
+from memlm.kernels import block_layer, dense_layer, fused_ops
 from memlm.models.linear import Linear, LinearMethod, default_method
 from memlm.models.recurrent import RecurrentMixer
+
+# The native per-layer decode steps, by the weights they run on (a name on the layer, not the
+# module itself: layers are deep-copied, and modules cannot be)
+_STEP_KERNELS = {"blocks": block_layer, "dense": dense_layer}
 
 
 class RMSNorm(nn.Module):
@@ -183,8 +187,10 @@ class DecoderLayer(nn.Module):
     Two paths, chosen once by `process_weights` (`self.fused`): the plain forward above, or
     `_forward_fused` — the same math for an RMSNorm / attention / SwiGLU layer whose linear
     method fuses layers (bf16): norms, RoPE and SwiGLU in single bf16 passes (`fused_ops`).
-    A fused layer whose projections all hold GGUF blocks also has `block_step`: steps of at most
-    `block_layer.MAX_ROWS` rows then run `_forward_blocks`, two native calls around attention.
+    A fused layer whose projections all hold GGUF blocks (or plain bf16 weights the method runs
+    natively, `native_decode`) also has `block_step`: steps of at most `MAX_ROWS` rows of its
+    kernels (`block_layer` / `dense_layer`) then run `_forward_blocks`, two native calls around
+    attention.
     """
 
     def __init__(self, cfg: ModelConfig, mixer: str, depths: tuple[int, ...] = (0,),
@@ -206,6 +212,7 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(cfg, method, init)
         self.fused = False                       # forward takes `_forward_fused`
         self.block_step = False                  # ... and `_forward_blocks` for small batches
+        self._step_kind = "blocks"               # ... through these `_STEP_KERNELS` (or "dense")
         if cfg.depth_gates:
             self.attn_gate = nn.Parameter(torch.ones(len(depths)))   # (slots,)
             if self.has_mlp:
@@ -236,16 +243,22 @@ class DecoderLayer(nn.Module):
         if self.fused:
             self.attn.o_proj.set_out_dtype(method.inner_dtype)
             self.mlp.down_proj.set_out_dtype(method.inner_dtype)   # added into the fp32 stream in one pass
-            self._pick_block_step()
+            self._pick_block_step(method)
 
-    def _pick_block_step(self) -> None:
-        """Small batches on GGUF blocks go through two native calls per layer (`_forward_blocks`)
-        when every projection holds blocks of whole 32-wide groups and only q|k|v has a bias."""
+    def _pick_block_step(self, method: LinearMethod) -> None:
+        """Small batches go through two native calls per layer (`_forward_blocks`) when only q|k|v
+        has a bias and every projection holds GGUF blocks of whole 32-wide groups (`block_layer`)
+        or a plain bf16 weight of a method with `native_decode` (`dense_layer`)."""
         attn, mlp = self.attn, self.mlp
         projs = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         held = [getattr(p, "block_weight", None) for p in projs]
-        self.block_step = (all(h is not None for h in held) and block_layer.weights_fit(*held)
-                           and all(p.bias is None for p in projs[1:]))
+        self._step_kind = "blocks"
+        if getattr(method, "native_decode", False) and all(
+                p.weight is not None and p.weight.dtype == torch.bfloat16 for p in projs):
+            held, self._step_kind = [p.weight.detach() for p in projs], "dense"
+        elif not (all(h is not None for h in held) and block_layer.weights_fit(*held)):
+            held = None
+        self.block_step = held is not None and all(p.bias is None for p in projs[1:])
         if self.block_step:     # read once per step: module attribute lookups cost ~1 us each
             bias = attn.qkv_proj.bias
             norms = [(n.weight.detach().float().contiguous(), n.eps) for n in (self.attn_norm, self.mlp_norm)]
@@ -254,7 +267,7 @@ class DecoderLayer(nn.Module):
                                 *held[1:])
 
     def forward(self, x, depth: int, kv, rope):
-        if self.block_step and x.device.type == "cpu" and block_layer.usable(x.shape[0]):
+        if self.block_step and x.device.type == "cpu" and _STEP_KERNELS[self._step_kind].usable(x.shape[0]):
             return self._forward_blocks(x, depth, kv, rope)
         if self.fused:
             return self._forward_fused(x, depth, kv, rope)
@@ -295,15 +308,16 @@ class DecoderLayer(nn.Module):
     def _forward_blocks(self, x, depth: int, kv, rope):
         """`_forward_fused` for a few rows on block weights: norm, q|k|v and RoPE in one native call,
         attention, then o_proj, residual, norm, gate|up, SwiGLU, down and residual in another
-        (`memlm.kernels.block_layer`; 8-bit activations, fp32 residual stream)."""
+        (`memlm.kernels.block_layer`: 8-bit activations; `dense_layer`: bf16; fp32 residual stream)."""
         (nh, nkv, hd, use_rope, an_w, an_eps, qkv_w, qkv_b, mn_w, mn_eps, o_w, gu_w, d_w) = self._block_args
+        kernels = _STEP_KERNELS[self._step_kind]
         N = x.shape[0]
         x = x.float().clone(memory_format=torch.contiguous_format)   # updated in place below
         cos = sin = None
         if use_rope:
             cos, sin = (t.reshape(N, hd).contiguous() for t in rope)
-        qkv = block_layer.attn_in(x, an_w, an_eps, qkv_w, qkv_b, cos, sin, nh + nkv, hd)
+        qkv = kernels.attn_in(x, an_w, an_eps, qkv_w, qkv_b, cos, sin, nh + nkv, hd)
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         out = kv.attend(depth, q.view(N, nh, hd), k.view(N, nkv, hd), v.view(N, nkv, hd))
         a = out.reshape(N, nh * hd).to(torch.bfloat16).contiguous()
-        return block_layer.attn_out_mlp_(x, a, mn_w, mn_eps, o_w, gu_w, d_w)
+        return kernels.attn_out_mlp_(x, a, mn_w, mn_eps, o_w, gu_w, d_w)

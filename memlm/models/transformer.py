@@ -130,10 +130,10 @@ class Transformer(nn.Module):
         self.linear_method = method
         self.process_weights_after_loading()
 
-    def warm_up(self, max_rows: int) -> None:
+    def warm_up(self, max_rows: int, head_rows: int | None = None) -> None:
         """Create the linear method's per-shape state for batches of 1..max_rows rows, so a
         memory profile measures it as resident (bf16: oneDNN's, see `kernels.cpu.row_bucket`)."""
-        self.linear_method.warm_up(self, max_rows)
+        self.linear_method.warm_up(self, max_rows, head_rows)
 
     def forward_dense(self, input_ids: torch.Tensor, hidden_states: list | None = None) -> torch.Tensor:
         """Training/scoring convenience: (B, T) ids -> (B, T, H) hidden states, no cache."""

@@ -114,8 +114,9 @@ class LinearMethod:
     def process_model(self, model: nn.Module) -> None:
         """Last step of a conversion, after every layer and the head. Default: nothing."""
 
-    def warm_up(self, model: nn.Module, max_rows: int) -> None:
-        """Create any per-shape state the format keeps (resident), for row counts 1..max_rows."""
+    def warm_up(self, model: nn.Module, max_rows: int, head_rows: int | None = None) -> None:
+        """Create any per-shape state the format keeps (resident), for row counts 1..max_rows
+        (the LM head: 1..head_rows, default max_rows; it only sees the rows that sample)."""
 
     def bytes_by_codec(self, model: nn.Module) -> dict[str, int]:
         """Bytes of weights as held (`Transformer.weight_bytes`), by codec ("int4 g32", "int8",

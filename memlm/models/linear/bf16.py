@@ -9,22 +9,41 @@ their projection and attention (RoPE, prefill attention; the KV cache is fp16 an
 MLP's inner activation; each is rounded to bf16 once, where a bf16 matmul would round it anyway.
 Halves weight memory and removes most fp32<->bf16 copies; on CPUs with AMX bf16 matmuls run
 ~5x faster than fp32 (measured by `memlm.kernels.bf16_matmul_is_fast`).
+On CPUs without AMX, where the native bf16 decode kernels build (`native_decode`, switched by
+MEMLM_BF16_DECODE), weights stay plain (N, K) bf16, unpacked: decode steps of up to `dense_layer.MAX_ROWS` rows run
+`memlm.kernels.dense_layer` (the fused decoder steps, each projection `matmul`, and the LM head
+in fp32 `head`, exact without refinement), larger ones oneDNN's matmul on the plain weight.
 Does not know: which projections share an input or where the residual stream is — the blocks
 ask (`fuse`, `set_out_dtype`); the fused layer forward is `DecoderLayer._forward_fused`.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memlm.kernels import fused_ops
-from memlm.kernels.cpu import row_bucket
+from memlm.kernels import dense_layer, fused_ops
+from memlm.kernels.cpu import cpu_flags, row_bucket
+from memlm.memory.budget import release_free_heap
 from memlm.models.linear.base import Embedding, Linear, LinearMethod, register
 
 REFINE_TOP = 16   # logits recomputed exactly (fp32) per row, see Bf16Method.logits
+
+
+def native_decode_enabled() -> bool:
+    """Whether small CPU steps run `dense_layer`'s native bf16 kernels on plain weights:
+    MEMLM_BF16_DECODE=auto (the default: on CPUs without AMX, where oneDNN's packed bf16 matmul
+    is not fast at a few rows), 1 (wherever the kernels build) or 0 (packed oneDNN always).
+    Measured on SmolLM2 (benchmarks/single_stream.py, AMD EPYC Zen 5, 2 threads, 2026-12-03):
+    a single stream at 0.88x llama.cpp's F16 instead of 0.65x, 257 instead of 311 MiB of
+    weights; the 128-request workload within noise of packed (259 vs 267 tok/s, two runs each)."""
+    env = os.environ.get("MEMLM_BF16_DECODE", "auto")
+    if env not in ("auto", "0", "1"):
+        raise ValueError(f"MEMLM_BF16_DECODE={env!r}: use auto (native decode without AMX), 1 (always) or 0 (never)")
+    return env == "1" or (env == "auto" and "amx_bf16" not in cpu_flags())
 # oneDNN post-op (name, algorithm) per activation, run inside a packed matmul's output pass
 POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
 
@@ -77,8 +96,10 @@ class Bf16Method(LinearMethod):
     one copy is kept), `bias` in `out_dtype`, `out_dtype` (fp32 where y joins the residual
     stream, bf16 where the next consumer is bf16 anyway), `post_op` (packed bf16 output only).
 
-    pack: hold CPU weights in oneDNN's packed layout; off for a model bound for a GPU (packed
-    tensors are CPU-only and would not move with it).
+    native_decode: small steps run `dense_layer`'s kernels on plain weights (see
+    `native_decode_enabled`: a CPU without AMX, where decode_bf16.c builds).
+    pack: hold CPU weights in oneDNN's packed layout (without `native_decode`); off for a model
+    bound for a GPU (packed tensors are CPU-only and would not move with it).
     """
 
     name = "bf16"
@@ -87,7 +108,8 @@ class Bf16Method(LinearMethod):
 
     def __init__(self, device: torch.device | str | None = None):
         super().__init__(device)
-        self.pack = self.device.type == "cpu"
+        self.native_decode = self.device.type == "cpu" and native_decode_enabled() and dense_layer.available()
+        self.pack = self.device.type == "cpu" and not self.native_decode
         self.cast = CastCache()              # one per model: its projections share inputs
 
     # ---- projections -----------------------------------------------------------------------
@@ -128,6 +150,10 @@ class Bf16Method(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])                                           # (M, K)
+        if self.native_decode and layer.weight is not None and 0 < x2.shape[0] <= dense_layer.MAX_ROWS:
+            y = dense_layer.matmul(x2, layer.weight)                             # (M, N) fp32
+            y = (y if layer.bias is None else y + layer.bias.float()).to(layer.out_dtype)
+            return y.view(*lead, y.shape[-1])
         xb = self.cast(x2)
         if layer.packed is not None and layer.out_dtype == torch.bfloat16:
             # bias and activation ride in the matmul as oneDNN post-ops: one pass over y
@@ -163,8 +189,14 @@ class Bf16Method(LinearMethod):
         The bf16 matmul rounds its *output* to bf16: at logit ~16 that is a 0.125 step, enough
         to tie candidates fp32 keeps 0.08 apart (it flipped SmolLM2's first answer token). So
         the REFINE_TOP largest logits of each row are recomputed in fp32 from the unrounded
-        hidden state and the (bf16-exact) head rows; the tail keeps bf16 resolution.
+        hidden state and the (bf16-exact) head rows; the tail keeps bf16 resolution. With
+        `native_decode`, up to `dense_layer.MAX_ROWS` rows take `dense_layer.head`: every logit
+        in fp32 from the unrounded hidden state (nothing to refine).
         """
+        if self.native_decode and 0 < hidden.shape[0] <= dense_layer.MAX_ROWS and head.weight is not None:
+            y = dense_layer.head(hidden, head.weight)
+            bias = head.bias if isinstance(head, Linear) else None
+            return y if bias is None else y + bias.float()
         if isinstance(head, Linear):                              # untied head: its own layer
             y, bias = head(hidden), head.bias
         else:
@@ -185,7 +217,7 @@ class Bf16Method(LinearMethod):
                     if p.dtype != torch.float32:
                         setattr(mod, pname, nn.Parameter(p.detach().float(), requires_grad=False))
 
-    def warm_up(self, model: nn.Module, max_rows: int) -> None:
+    def warm_up(self, model: nn.Module, max_rows: int, head_rows: int | None = None) -> None:
         """Run every bf16 weight shape at every row bucket up to `max_rows` once (see row_bucket)."""
         layers = {(m.out_features, m.in_features, m.packed is None): m for m in model.modules()
                   if isinstance(m, Linear) and m.method is self}
@@ -198,8 +230,9 @@ class Bf16Method(LinearMethod):
             for b in buckets:
                 for m in layers.values():
                     m(torch.zeros(b, m.in_features, dtype=torch.bfloat16))
-                if has_head:
+                if has_head and b <= row_bucket(head_rows or max_rows):
                     model.compute_logits(torch.zeros(b, head.shape[1]))
+                release_free_heap()   # else each larger bucket's temporaries take new pages
 
     def stored_bytes(self, shape: tuple[int, ...], table: bool, codec: str | None = None) -> int:
         return math.prod(shape) * (2 if len(shape) >= 2 else 4)      # norms and biases stay fp32

@@ -7,14 +7,15 @@ Owns: holding each projection in torch's packed 4-bit CPU layout (`packed`, uint
 scales, group 128 4.25. The embedding and the LM head stay int8 (`weight_only.py`): a lookup
 reads rows, which the tiled 4-bit layout does not give, and the head is where 4 bits cost the
 most quality. A GGUF's Q4_0 / Q4_1 projections (groups of 32) are kept as loaded at group
-size 32, and its Q8_0 / Q4_x tables too (`weight_only.py`, `memlm.kernels.gemv`).
+size 32, as are its K-quant (Q4_K / Q5_K / Q6_K) projections, and its Q8_0 / Q4_x / K-quant tables
+(`weight_only.py`, `memlm.kernels.gemv`, `memlm.kernels.kquant`).
 Does not know: fusing, biases, the embedding and the LM head (`weight_only.py`).
 """
 from __future__ import annotations
 
 import torch
 
-from memlm.kernels import gemv, quant
+from memlm.kernels import gemv, kquant, quant
 from memlm.models.linear.base import Linear, register
 from memlm.models.linear.weight_only import WeightOnlyMethod
 
@@ -27,15 +28,16 @@ class Int4Method(WeightOnlyMethod):
 
     name = "int4"
     options = ("group_size",)
-    block_codecs = ("q4_0", "q4_1")                    # GGUF 4-bit groups of 32, kept as loaded
-    table_block_codecs = ("q8_0", "q4_0", "q4_1")
+    block_codecs = ("q4_0", "q4_1", *kquant.CODECS)    # GGUF 4-bit groups of 32 and K-quants, as loaded
+    table_block_codecs = ("q8_0", "q4_0", "q4_1", *kquant.CODECS)
 
     def __init__(self, device: torch.device | str | None = None, group_size: int = DEFAULT_GROUP_SIZE):
         super().__init__(device)
         self.group_size = quant.check_group_size(group_size)
 
     def keeps_blocks(self, codec: str, table: bool) -> bool:
-        """GGUF 4-bit blocks are groups of 32: kept for projections at group size 32 only."""
+        """GGUF 4-bit and K-quant blocks are kept for projections at group size 32 (the default)
+        only: another group size asks for torch's 4-bit layout."""
         return super().keeps_blocks(codec, table) and (table or self.group_size == gemv.QK)
 
     def pack(self, layer: Linear, weight: torch.Tensor) -> None:

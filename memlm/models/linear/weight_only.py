@@ -5,9 +5,10 @@ exist, so converting peaks at the model as loaded plus one layer), fusing q/k/v 
 fp32 parts are concatenated, then quantized once), biases and output dtypes, and the token
 embedding kept int8 (one scale per row: a lookup dequantizes only the rows it reads), which is
 also the tied LM head, run through the int8 kernel (an untied head is quantized the same way).
-GGUF blocks a subclass keeps (`block_codecs`, `table_block_codecs`: Q8_0 / Q4_0 / Q4_1) are held
-as loaded (`memlm.kernels.gemv.BlockWeight`, handed over by the loader as `layer.gguf_blocks`,
-never widened to fp32) and run through the native block kernel; a table's lookup dequantizes
+GGUF blocks a subclass keeps (`block_codecs`, `table_block_codecs`: Q8_0 / Q4_0 / Q4_1, and the
+K-quants Q4_K / Q5_K / Q6_K) are held as loaded (`memlm.kernels.gemv.BlockWeight`, or
+`memlm.kernels.kquant.KQuantWeight` for K-quants, handed over by the loader as `layer.gguf_blocks`,
+never widened to fp32) and run through the native block kernels; a table's lookup dequantizes
 only the rows it reads, and the tied head multiplies by the blocks directly (fp32 accumulation,
 no top-k refinement needed).
 Activations enter the kernels in bf16 and the decoder layers take the fused bf16 path
@@ -22,9 +23,31 @@ import math
 import torch
 import torch.nn as nn
 
-from memlm.kernels import gemv, quant
+from memlm.kernels import gemv, kquant, quant
 from memlm.kernels.cpu import row_bucket
+from memlm.memory.budget import release_free_heap
 from memlm.models.linear.base import Embedding, Linear, LinearMethod
+
+
+def _kernels(codec: str):
+    """The kernel module of a GGUF block codec: `kquant` (Q4_K / Q5_K / Q6_K) or `gemv`."""
+    return kquant if codec in kquant.CODECS else gemv
+
+
+def _parts(held) -> list:
+    return held.parts if isinstance(held, kquant.StackedBlocks) else [held]
+
+
+def _block_matmul(x: torch.Tensor, held, exact: bool = False) -> torch.Tensor:
+    if isinstance(held, kquant.StackedBlocks):
+        return torch.cat([_block_matmul(x, p, exact) for p in held.parts], dim=1)
+    if held.codec in kquant.CODECS:
+        return kquant.matmul(x, held, exact)
+    return gemv.block_matmul(x, held, exact)
+
+
+def _block_dequantize(held) -> torch.Tensor:
+    return torch.cat([_kernels(p.codec).dequantize(p) for p in _parts(held)])
 
 
 class WeightOnlyMethod(LinearMethod):
@@ -60,7 +83,7 @@ class WeightOnlyMethod(LinearMethod):
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
         """The fp32 (out, in) weight `apply` multiplies by (for tests and inspection)."""
         held = getattr(layer, "block_weight", None)
-        return gemv.dequantize(held) if held is not None else self.codec_dequantize(layer)
+        return _block_dequantize(held) if held is not None else self.codec_dequantize(layer)
 
     def keeps_blocks(self, codec: str, table: bool) -> bool:
         return codec in (self.table_block_codecs if table else self.block_codecs)
@@ -74,6 +97,8 @@ class WeightOnlyMethod(LinearMethod):
             return "int8"
         if name == "blocks":
             return module.block_weight.codec
+        if name.startswith("blocks_"):                     # a part of `kquant.StackedBlocks`
+            return module.block_weight.parts[int(name[len("blocks_"):])].codec
         return super().codec_label(module, name, tensor)
 
     def stored_bytes(self, shape: tuple[int, ...], table: bool, codec: str | None = None) -> int:
@@ -81,13 +106,17 @@ class WeightOnlyMethod(LinearMethod):
             return math.prod(shape) * 4                          # norms and biases stay fp32
         n, k = shape[0], math.prod(shape[1:])
         if codec is not None and self.keeps_blocks(codec, table):
-            return gemv.block_bytes(n, k, codec)
+            return _kernels(codec).block_bytes(n, k, codec)
         return quant.int8_bytes(n, k, self.act_dtype) if table else self.codec_bytes(n, k)
 
     # ---- projections -----------------------------------------------------------------------
     @staticmethod
     def _hold_blocks(module: Linear | Embedding, held: gemv.BlockWeight) -> None:
-        module.register_buffer("blocks", held.blocks)
+        if isinstance(held, kquant.StackedBlocks):
+            for i, part in enumerate(held.parts):
+                module.register_buffer(f"blocks_{i}", part.blocks)
+        else:
+            module.register_buffer("blocks", held.blocks)
         module.block_weight = held
         module.weight = None
 
@@ -107,14 +136,17 @@ class WeightOnlyMethod(LinearMethod):
     @staticmethod
     def _loaded_fp32(layer: Linear) -> torch.Tensor:
         held = layer.__dict__.pop("gguf_blocks", None)
-        return gemv.dequantize(held) if held is not None else layer.weight.detach().float()
+        return _block_dequantize(held) if held is not None else layer.weight.detach().float()
 
     def fuse(self, layers: list[Linear]) -> Linear:
         held = [getattr(m, "gguf_blocks", None) for m in layers]
         blocks = None
-        if all(h is not None for h in held) and len({(h.codec, h.in_features) for h in held}) == 1:
-            n = sum(h.out_features for h in held)      # same GGUF codec: rows concatenated as is
-            blocks = gemv.BlockWeight(torch.cat([h.blocks for h in held]), held[0].codec, held[0].in_features, n)
+        if all(h is not None for h in held) and len({h.in_features for h in held}) == 1:
+            n, k = sum(h.out_features for h in held), held[0].in_features
+            if len({h.codec for h in held}) == 1:      # same GGUF codec: rows concatenated as is
+                blocks = type(held[0])(torch.cat([h.blocks for h in held]), held[0].codec, k, n)
+            else:                                      # each part kept in its own codec
+                blocks = kquant.StackedBlocks(held, k, n)
             for m in layers:
                 del m.gguf_blocks
         weight = None if blocks is not None else torch.cat([self._loaded_fp32(m) for m in layers])
@@ -140,7 +172,7 @@ class WeightOnlyMethod(LinearMethod):
         if x2.shape[0] == 0:
             y = x2.new_empty(0, layer.out_features)
         elif held is not None:
-            y = gemv.block_matmul(x2, held)                                      # (M, N) fp32
+            y = _block_matmul(x2, held)                                          # (M, N) fp32
         else:
             y = self.matmul(layer, x2.contiguous())                               # (M, N)
         y = y.to(layer.out_dtype)
@@ -164,7 +196,8 @@ class WeightOnlyMethod(LinearMethod):
     def embed(self, emb: Embedding, ids: torch.Tensor) -> torch.Tensor:
         held = getattr(emb, "block_weight", None)
         if held is not None:
-            rows = gemv.dequantize_rows(held.blocks[ids.reshape(-1)], held.codec, held.in_features)
+            rows = _kernels(held.codec).dequantize_rows(held.blocks[ids.reshape(-1)], held.codec,
+                                                        held.in_features)
             return rows.view(*ids.shape, held.in_features)
         return quant.dequantize_int8(emb.qweight[ids], emb.scales[ids], emb.embedding_dim)
 
@@ -177,13 +210,13 @@ class WeightOnlyMethod(LinearMethod):
         """(n, H) -> (n, vocab) fp32 through the int8 head (bf16 in, bf16-rounded out)."""
         held = getattr(head, "block_weight", None)
         if held is not None:
-            return gemv.block_matmul(hidden, held, exact=True)     # fp32 activations: exact argmax
+            return _block_matmul(hidden, held, exact=True)         # fp32 activations: exact argmax
         if hidden.shape[0] == 0:
             return hidden.new_empty(0, head.qweight.shape[0], dtype=torch.float32)
         x = hidden.to(self.act_dtype).contiguous()
         return quant.int8_matmul(x, head.qweight, head.scales).float()
 
-    def warm_up(self, model: nn.Module, max_rows: int) -> None:
+    def warm_up(self, model: nn.Module, max_rows: int, head_rows: int | None = None) -> None:
         """Run every block-held weight shape at every row bucket from `gemv.TILE_MIN_ROWS` up to
         `max_rows` once: the tiled bf16 path keeps oneDNN state per shape (`kernels.cpu.row_bucket`),
         which the memory profile must see as resident. The LM head is warmed as `logits` runs it
@@ -191,14 +224,17 @@ class WeightOnlyMethod(LinearMethod):
         head = getattr(model, "lm_head_module", None)
         held = {}
         for m in model.modules():
-            w = getattr(m, "block_weight", None)
-            if w is not None:
+            w0 = getattr(m, "block_weight", None)
+            for w in _parts(w0) if w0 is not None else ():
                 held[(w.out_features, w.in_features, w.codec, m is head)] = (w, m is head)
         buckets = sorted({row_bucket(r) for r in range(gemv.TILE_MIN_ROWS, max_rows + 1)})
         with torch.inference_mode():
             for b in buckets:
                 for w, exact in held.values():
-                    gemv.warm_up(w, b, exact)
+                    if exact and b > row_bucket(head_rows or max_rows):
+                        continue          # rows the head never runs (512: a 55 MiB transient)
+                    _kernels(w.codec).warm_up(w, b, exact)
+                    release_free_heap()   # else each larger shape's temporaries take new pages
 
     # ---- the model as a whole --------------------------------------------------------------
     def held_outside_parameters(self, model: nn.Module) -> tuple[int, int]:

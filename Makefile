@@ -27,7 +27,8 @@ test: install
 	$(PYTHON) -m pytest -q tests
 	MEMLM_NATIVE=0 $(PYTHON) -m pytest -q tests/test_engine_paged.py tests/test_entrypoints_async.py tests/test_entrypoints_llm.py \
 		tests/test_kv_codecs.py tests/test_kv_policies.py tests/test_kernels_attention_mass.py tests/test_kv_prefix_cache.py \
-		tests/test_kv_tiers.py tests/test_kernels_gemv.py tests/test_kernels_decode_q.py
+		tests/test_kv_tiers.py tests/test_kernels_gemv.py tests/test_kernels_decode_q.py \
+		tests/test_kernels_kquant.py tests/test_loading_kquant.py tests/test_kv_entry.py tests/test_kv_offload.py
 
 bench-load: install
 	$(PYTHON) benchmarks/load.py

@@ -107,15 +107,15 @@ def test_a_bf16_model_takes_the_native_steps_and_matches_the_torch_path(f16_file
     from memlm.loading import load_model
     from memlm.kernels.cpu import cpu_flags
     if "amx_bf16" in cpu_flags():
-        pytest.skip("with AMX the bf16 method keeps oneDNN's packed weights by default")
-    monkeypatch.delenv("MEMLM_BF16_DECODE", raising=False)                    # the default
+        pytest.skip("with AMX, MEMLM_BF16_DECODE=auto keeps oneDNN's packed weights")
+    monkeypatch.setenv("MEMLM_BF16_DECODE", "auto")                            # opt-in
     native = load_model(f16_file, weight_dtype="bf16").model
     assert all(layer.block_step and layer._step_kind == "dense" for layer in native.layers)
     monkeypatch.setattr(dense_layer, "available", lambda: False)               # the torch path
     torch_path = load_model(f16_file, weight_dtype="bf16").model
     assert not any(layer.block_step for layer in torch_path.layers)
     monkeypatch.undo()
-    monkeypatch.setenv("MEMLM_BF16_DECODE", "0")
+    monkeypatch.delenv("MEMLM_BF16_DECODE", raising=False)                    # the default: packed
     assert not any(layer.block_step for layer in load_model(f16_file, weight_dtype="bf16").model.layers)
     monkeypatch.undo()
     calls, heads = [], []

@@ -9,8 +9,8 @@ their projection and attention (RoPE, prefill attention; the KV cache is fp16 an
 MLP's inner activation; each is rounded to bf16 once, where a bf16 matmul would round it anyway.
 Halves weight memory and removes most fp32<->bf16 copies; on CPUs with AMX bf16 matmuls run
 ~5x faster than fp32 (measured by `memlm.kernels.bf16_matmul_is_fast`).
-On CPUs without AMX, where the native bf16 decode kernels build (`native_decode`, switched by
-MEMLM_BF16_DECODE), weights stay plain (N, K) bf16, unpacked: decode steps of up to `dense_layer.MAX_ROWS` rows run
+With MEMLM_BF16_DECODE=auto on CPUs without AMX (or =1), where the native bf16 decode kernels
+build (`native_decode`), weights stay plain (N, K) bf16, unpacked: decode steps of up to `dense_layer.MAX_ROWS` rows run
 `memlm.kernels.dense_layer` (the fused decoder steps, each projection `matmul`, and the LM head
 in fp32 `head`, exact without refinement), larger ones oneDNN's matmul on the plain weight.
 Does not know: which projections share an input or where the residual stream is — the blocks
@@ -35,15 +35,20 @@ REFINE_TOP = 16   # logits recomputed exactly (fp32) per row, see Bf16Method.log
 
 def native_decode_enabled() -> bool:
     """Whether small CPU steps run `dense_layer`'s native bf16 kernels on plain weights:
-    MEMLM_BF16_DECODE=auto (the default: on CPUs without AMX, where oneDNN's packed bf16 matmul
-    is not fast at a few rows), 1 (wherever the kernels build) or 0 (packed oneDNN always).
-    Measured on SmolLM2 (benchmarks/single_stream.py, AMD EPYC Zen 5, 2 threads, 2026-12-03):
-    a single stream at 0.88x llama.cpp's F16 instead of 0.65x, 257 instead of 311 MiB of
-    weights; the 128-request workload within noise of packed (259 vs 267 tok/s, two runs each)."""
-    env = os.environ.get("MEMLM_BF16_DECODE", "auto")
+    MEMLM_BF16_DECODE=0 (the default: oneDNN's packed weights), auto (on CPUs without AMX) or 1
+    (wherever the kernels build). Measured on SmolLM2 (AMD EPYC Zen 5, 2 threads, 2026-12-03,
+    BENCHMARKS.md): plain weights decode a single stream at 0.87-0.88x llama.cpp's F16 instead of
+    0.65x and hold 257 instead of 311 MiB (the tied head is not kept a second time, packed), but
+    larger batches then run oneDNN on unpacked weights: the 128-request workload's batched decode
+    probe fell from 926 to 558 tok/s and the workload from 277 to 259 tok/s. bf16 is the weight
+    dtype for large batches, so packed stays the default."""
+    env = os.environ.get("MEMLM_BF16_DECODE", "0")
     if env not in ("auto", "0", "1"):
-        raise ValueError(f"MEMLM_BF16_DECODE={env!r}: use auto (native decode without AMX), 1 (always) or 0 (never)")
+        raise ValueError(f"MEMLM_BF16_DECODE={env!r}: use 0 (packed oneDNN), auto (native decode "
+                         "without AMX) or 1 (always)")
     return env == "1" or (env == "auto" and "amx_bf16" not in cpu_flags())
+
+
 # oneDNN post-op (name, algorithm) per activation, run inside a packed matmul's output pass
 POST_OPS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
 

@@ -208,3 +208,9 @@ def tiny_teacher_world(d: Path, text: str) -> Path:
                                       intermediate_size=64, eos_token_ids=tok.eos_token_ids))
     checkpoint.save_model(teacher, d / "teacher", tok)
     return d
+
+
+def random_rope(rows: int, head_dim: int):
+    """(cos, sin) tables of random angles, (rows, head_dim) each, in the rotate-half layout."""
+    ang = torch.rand(rows, head_dim // 2) * 6
+    return torch.cat([ang.cos()] * 2, 1).contiguous(), torch.cat([ang.sin()] * 2, 1).contiguous()

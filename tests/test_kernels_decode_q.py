@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import random_rope
+
 from memlm.kernels import block_layer, gemv
 
 pytestmark = pytest.mark.skipif(gemv.DECODE_LIBRARY.lib is None, reason="no C compiler / MEMLM_NATIVE=0")
@@ -71,10 +73,7 @@ def test_fused_attention_input_step(codec, m, rope, bias):
     x = torch.randn(m, 96)
     n_rot = p["nh"] + p["nkv"]
     b = torch.randn(p["qkv"].out_features) if bias else None
-    cos = sin = None
-    if rope:
-        ang = torch.rand(m, p["hd"] // 2) * 6
-        cos, sin = torch.cat([ang.cos()] * 2, 1).contiguous(), torch.cat([ang.sin()] * 2, 1).contiguous()
+    cos, sin = random_rope(m, p["hd"]) if rope else (None, None)
     y = block_layer.attn_in(x, p["an"], 1e-5, p["qkv"], b, cos, sin, n_rot, p["hd"])
     ref = block_layer.attn_in_reference(x, p["an"], 1e-5, p["qkv"], b, cos, sin, n_rot, p["hd"])
     assert y.dtype == torch.bfloat16 and y.shape == ref.shape

@@ -6,6 +6,8 @@ the fused native path giving the torch path's logits and greedy tokens."""
 import pytest
 import torch
 
+from helpers import random_rope
+
 from memlm.kernels import dense_layer
 
 pytestmark = pytest.mark.skipif(not dense_layer.available(), reason="no C compiler / MEMLM_NATIVE=0")
@@ -62,10 +64,7 @@ def test_fused_attention_input_step_matches_its_reference(m, shape, rope, bias):
     x = torch.randn(m, h)
     n_rot = p["nh"] + p["nkv"]
     b = torch.randn(p["qkv"].shape[0]).to(torch.bfloat16).float() if bias else None
-    cos = sin = None
-    if rope:
-        ang = torch.rand(m, p["hd"] // 2) * 6
-        cos, sin = torch.cat([ang.cos()] * 2, 1).contiguous(), torch.cat([ang.sin()] * 2, 1).contiguous()
+    cos, sin = random_rope(m, p["hd"]) if rope else (None, None)
     y = dense_layer.attn_in(x, p["an"], 1e-5, p["qkv"], b, cos, sin, n_rot, p["hd"])
     ref = dense_layer.attn_in_reference(x, p["an"], 1e-5, p["qkv"], b, cos, sin, n_rot, p["hd"])
     assert y.dtype == torch.bfloat16 and y.shape == ref.shape == (m, p["qkv"].shape[0])

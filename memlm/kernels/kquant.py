@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +63,14 @@ class KQuantWeight:
     @property
     def padded_in(self) -> int:
         return self.in_features
+
+
+def kernels_for(codec: str):
+    """The kernel module that holds GGUF blocks of `codec` as loaded: this one for the K-quants,
+    `gemv` for Q8_0 / Q4_0 / Q4_1, None for a codec no kernel keeps (it is dequantized)."""
+    if codec in CODECS:
+        return sys.modules[__name__]
+    return gemv if codec in gemv.CODECS else None
 
 
 def check_codec(codec: str) -> str:

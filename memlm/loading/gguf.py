@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from memlm.config import ModelConfig
-from memlm.kernels import gemv, kquant
+from memlm.kernels import kquant
 from memlm.errors import MemlmError, ModelLoadError, UnsupportedModelError
 from memlm.loading.base import LoadedModel, WeightSink
 from memlm.loading.gguf_file import SUPPORTED_TYPES, GGUFFile, TensorInfo
@@ -166,7 +166,7 @@ def _load_tensor(sink: WeightSink, cfg: ModelConfig, f: GGUFFile, tensor: Tensor
     fused_qkv = target.endswith(("attn.qkv.weight", "attn.qkv.bias"))  # gpt2: (3H, ...) rows q|k|v
     targets = [target.replace("qkv", f"{p}_proj") for p in "qkv"] if fused_qkv else [target]
     codec = tensor.ggml_type.name.lower()
-    kernels = kquant if codec in kquant.CODECS else gemv if codec in gemv.CODECS else None
+    kernels = kquant.kernels_for(codec)
     keep = kernels is not None and all(sink.keeps_blocks(t, codec) for t in targets)
     w = f.raw(tensor) if keep else _dequantize(f, tensor)   # (out, row bytes) uint8 | (out, in) fp32
     for t, chunk in zip(targets, np.split(w, 3, axis=0) if fused_qkv else [w]):

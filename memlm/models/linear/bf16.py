@@ -40,8 +40,8 @@ def native_decode_enabled() -> bool:
     BENCHMARKS.md): plain weights decode a single stream at 0.87-0.88x llama.cpp's F16 instead of
     0.65x and hold 257 instead of 311 MiB (the tied head is not kept a second time, packed), but
     larger batches then run oneDNN on unpacked weights: the 128-request workload's batched decode
-    probe fell from 926 to 558 tok/s and the workload from 277 to 259 tok/s. bf16 is the weight
-    dtype for large batches, so packed stays the default."""
+    probe fell from 926 to 558 tok/s and the workload from 277 to 259 tok/s (one pair of runs).
+    bf16 is the weight dtype for large batches, so packed stays the default."""
     env = os.environ.get("MEMLM_BF16_DECODE", "0")
     if env not in ("auto", "0", "1"):
         raise ValueError(f"MEMLM_BF16_DECODE={env!r}: use 0 (packed oneDNN), auto (native decode "

@@ -29,11 +29,6 @@ from memlm.memory.budget import release_free_heap
 from memlm.models.linear.base import Embedding, Linear, LinearMethod
 
 
-def _kernels(codec: str):
-    """The kernel module of a GGUF block codec: `kquant` (Q4_K / Q5_K / Q6_K) or `gemv`."""
-    return kquant if codec in kquant.CODECS else gemv
-
-
 def _parts(held) -> list:
     return held.parts if isinstance(held, kquant.StackedBlocks) else [held]
 
@@ -47,7 +42,7 @@ def _block_matmul(x: torch.Tensor, held, exact: bool = False) -> torch.Tensor:
 
 
 def _block_dequantize(held) -> torch.Tensor:
-    return torch.cat([_kernels(p.codec).dequantize(p) for p in _parts(held)])
+    return torch.cat([kquant.kernels_for(p.codec).dequantize(p) for p in _parts(held)])
 
 
 class WeightOnlyMethod(LinearMethod):
@@ -106,7 +101,7 @@ class WeightOnlyMethod(LinearMethod):
             return math.prod(shape) * 4                          # norms and biases stay fp32
         n, k = shape[0], math.prod(shape[1:])
         if codec is not None and self.keeps_blocks(codec, table):
-            return _kernels(codec).block_bytes(n, k, codec)
+            return kquant.kernels_for(codec).block_bytes(n, k, codec)
         return quant.int8_bytes(n, k, self.act_dtype) if table else self.codec_bytes(n, k)
 
     # ---- projections -----------------------------------------------------------------------
@@ -196,8 +191,8 @@ class WeightOnlyMethod(LinearMethod):
     def embed(self, emb: Embedding, ids: torch.Tensor) -> torch.Tensor:
         held = getattr(emb, "block_weight", None)
         if held is not None:
-            rows = _kernels(held.codec).dequantize_rows(held.blocks[ids.reshape(-1)], held.codec,
-                                                        held.in_features)
+            kernels = kquant.kernels_for(held.codec)
+            rows = kernels.dequantize_rows(held.blocks[ids.reshape(-1)], held.codec, held.in_features)
             return rows.view(*ids.shape, held.in_features)
         return quant.dequantize_int8(emb.qweight[ids], emb.scales[ids], emb.embedding_dim)
 
@@ -233,7 +228,7 @@ class WeightOnlyMethod(LinearMethod):
                 for w, exact in held.values():
                     if exact and b > row_bucket(head_rows or max_rows):
                         continue          # rows the head never runs (512: a 55 MiB transient)
-                    _kernels(w.codec).warm_up(w, b, exact)
+                    kquant.kernels_for(w.codec).warm_up(w, b, exact)
                     release_free_heap()   # else each larger shape's temporaries take new pages
 
     # ---- the model as a whole --------------------------------------------------------------

@@ -25,7 +25,7 @@ from pathlib import Path
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 FILES = ["tutorial/classes.rst.txt", "library/functions.rst.txt"]
-SETTINGS = [  # (label, weight dtype[:int4 group size], kv_dtype, MEMLM_NATIVE)
+SETTINGS = [  # (label, weight dtype[:int4 group size][@step tokens], kv_dtype, MEMLM_NATIVE[:VAR=VALUE,...])
     ("fp32 weights, fp32 KV", "float32", "float32", "1"),
     ("fp32 weights, fp16 KV", "float32", "float16", "1"),
     ("fp32 weights, int8 KV", "float32", "int8", "1"),
@@ -38,11 +38,22 @@ SETTINGS = [  # (label, weight dtype[:int4 group size], kv_dtype, MEMLM_NATIVE)
     ("int4 weights g128 (requantized), fp32 KV", "int4:128", "float32", "1"),
     ("int4 g32 blocks kept (native), fp16 KV", "int4:32", "float16", "1"),
     # 128-token steps with the 8-bit path off: bf16 tiles of W instead of the blocked 8-bit GEMM
-    ("int4 g32 blocks kept (native), 8-bit activations off (bf16 tiles), fp32 KV", "int4:32", "float32", "1:int8act=0"),
+    ("int4 g32 blocks kept (native), 8-bit activations off (bf16 tiles), fp32 KV", "int4:32", "float32",
+     "1:MEMLM_INT8_ACTIVATIONS=0"),
     # 8-token steps: every matmul but the head takes the decode kernels (rows <= 8), with 8-bit
     # activations per block of 32 (AVX-512 VNNI) and without (fp32 activations)
     ("int4 g32 blocks kept, 8-token steps, 8-bit activations, fp32 KV", "int4:32@8", "float32", "1"),
-    ("int4 g32 blocks kept, 8-token steps, fp32 activations, fp32 KV", "int4:32@8", "float32", "1:int8act=0"),
+    ("int4 g32 blocks kept, 8-token steps, fp32 activations, fp32 KV", "int4:32@8", "float32",
+     "1:MEMLM_INT8_ACTIVATIONS=0"),
+    # 512-token steps (prefill chunks): the blocked 8-bit GEMM's activation planes
+    # (`gemv.gemm_planes`), and the bf16 tiles instead of it
+    ("int4 g32 blocks kept, 512-token steps, GEMM auto planes (default), fp32 KV", "int4:32@512", "float32", "1"),
+    ("int4 g32 blocks kept, 512-token steps, GEMM two planes, fp32 KV", "int4:32@512", "float32",
+     "1:MEMLM_GEMM_PLANES=2,MEMLM_INT8_GEMM=1"),
+    ("int4 g32 blocks kept, 512-token steps, GEMM one plane, fp32 KV", "int4:32@512", "float32",
+     "1:MEMLM_GEMM_PLANES=1,MEMLM_INT8_GEMM=1"),
+    ("int4 g32 blocks kept, 512-token steps, bf16 tiles, fp32 KV", "int4:32@512", "float32",
+     "1:MEMLM_INT8_GEMM=0"),
 ]
 
 
@@ -53,16 +64,17 @@ def worker(dtype: str, kv_dtype: str, tokens: int) -> dict:
     llm = LLM("smollm2-135m-instruct", memory_budget="2GiB", verbose=False, dtype=dtype,
               kv_dtype=kv_dtype, max_num_batched_tokens=int(step) if step else 128,
               weight_group_size=int(group) if group else None)
-    total, n = 0.0, 0
+    total, n, top1 = 0.0, 0, []
     for name in FILES:
         ids = llm.tokenizer.encode((DOCS / name).read_text())[:tokens]
         out = llm.generate([{"prompt_token_ids": ids}],
-                           SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+                           SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
         for i, entry in enumerate(out.prompt_logprobs[1:], start=1):
-            lp = entry[ids[i]]
-            total += lp if isinstance(lp, float) else lp.logprob
+            value = {t: (lp if isinstance(lp, float) else lp.logprob) for t, lp in entry.items()}
+            total += value[ids[i]]
+            top1.append(max(value, key=value.get))       # the greedy pick at this position
             n += 1
-    return {"ppl": math.exp(-total / n), "tokens": n}
+    return {"ppl": math.exp(-total / n), "tokens": n, "top1": top1}
 
 
 def main() -> None:
@@ -83,15 +95,16 @@ def main() -> None:
     for label, dtype, kv, native in SETTINGS:
         if args.only and args.only not in label and label != SETTINGS[0][0]:
             continue
-        native, _, act = native.partition(":int8act=")
-        env = dict(os.environ, MEMLM_NATIVE=native, **({"MEMLM_INT8_ACTIVATIONS": act} if act else {}))
+        native, _, extra = native.partition(":")
+        env = dict(os.environ, MEMLM_NATIVE=native, **dict(kv.split("=") for kv in extra.split(",") if kv))
         out = subprocess.run([sys.executable, __file__, "--worker", dtype, kv, "--threads", str(args.threads),
                               "--tokens", str(args.tokens)], env=env, capture_output=True, text=True, check=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])
-        base = base or res["ppl"]
+        base = base or res
+        agree = sum(a == b for a, b in zip(res["top1"], base["top1"])) / len(base["top1"])
         rows.append((label, res["ppl"], res["tokens"]))
-        print(f"  {label:<55} ppl {res['ppl']:.4f}  ({(res['ppl'] / base - 1) * 100:+.2f}% vs first row, "
-              f"{res['tokens']} tokens)", flush=True)
+        print(f"  {label:<55} ppl {res['ppl']:.4f}  ({(res['ppl'] / base['ppl'] - 1) * 100:+.2f}% vs first row, "
+              f"greedy picks {agree * 100:.2f}% the first row's, {res['tokens']} tokens)", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,10 +51,11 @@ def batched_table(args, gemv) -> None:
     import torch.nn.functional as F
 
     def path(name: str, x, w):
-        # gemm: two 8-bit planes per activation (the default); gemm1: one plane (llama.cpp's Q8)
+        # gemm: two 8-bit planes per activation; gemm1: one plane (llama.cpp's Q8); gemma: one,
+        # and a second for outlier blocks (the default, `gemv.gemm_planes`)
         os.environ["MEMLM_INT8_ACTIVATIONS"] = "0" if name == "tiles" else "1"
         os.environ["MEMLM_INT8_GEMM"] = "0" if name == "tiles" else "1"
-        os.environ["MEMLM_GEMM_PLANES"] = "1" if name == "gemm1" else "2"
+        os.environ["MEMLM_GEMM_PLANES"] = {"gemm1": "1", "gemma": "auto"}.get(name, "2")
         return gemv.block_matmul(x, w)
 
     def bf16_method(x, wb, packed):
@@ -73,9 +74,11 @@ def batched_table(args, gemv) -> None:
     print(f"# batched: 8-bit blocked GEMM (gemm_q.c) vs bf16 tiles of the same blocks vs the bf16 "
           f"method's prepacked bf16 matmul; {args.threads} threads, best of {args.repeats}; "
           f"int8 GEMM built: {gemv.GEMM_LIBRARY.lib is not None}, VNNI: {gemv.int8_activations()}")
-    print("| shape | rows | gemm_q 2 planes us | 1 plane us | decode_q qmatmul us | bf16 tiles us | "
-          "bf16 method us | qmatmul / gemm | tiles / gemm | bf16 / gemm | 1 plane / gemm |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("# `auto planes` runs on x with two massive channels (x 40, as SmolLM2's hidden states have), "
+          "so 2 of each row's blocks of 32 get the second plane; the other cells on plain randn x")
+    print("| shape | rows | gemm_q 2 planes us | 1 plane us | auto planes us | decode_q qmatmul us | bf16 tiles us | "
+          "bf16 method us | qmatmul / gemm | tiles / gemm | bf16 / gemm | 1 plane / gemm | tiles / auto |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     saved = {v: os.environ.get(v) for v in ("MEMLM_INT8_ACTIVATIONS", "MEMLM_INT8_GEMM", "MEMLM_GEMM_PLANES")}
     for name, n, k, _ in SHAPES:
         w = torch.randn(n, k) * 0.05
@@ -86,16 +89,20 @@ def batched_table(args, gemv) -> None:
             if name == "head" and m > 512:
                 continue                         # a (2048, 49152) output: never a model's step
             x = torch.randn(m, k)
+            xo = x.clone()
+            xo[:, [k // 7, k // 2]] *= 40.0
             cells = [("gemm", lambda: path("gemm", x, held)), ("gemm1", lambda: path("gemm1", x, held)),
+                     ("gemma", lambda: path("gemma", xo, held)),
                      ("tiles", lambda: path("tiles", x, held)),
                      ("bf16", lambda: bf16_method(x, wb, packed))]
             if m <= 16 and gemv.DECODE_LIBRARY.lib is not None:
                 cells.append(("qmatmul", lambda: qmatmul(x, held)))
             t = {label: timed(fn, args.repeats) for label, fn in cells}
             q = (f"{t['qmatmul'] * 1e6:.1f}", f"{t['qmatmul'] / t['gemm']:.2f}x") if "qmatmul" in t else ("-", "-")
-            print(f"| {name} {n}x{k} {held.codec} | {m} | {t['gemm'] * 1e6:.1f} | {t['gemm1'] * 1e6:.1f} | {q[0]} | "
-                  f"{t['tiles'] * 1e6:.1f} | {t['bf16'] * 1e6:.1f} | {q[1]} | {t['tiles'] / t['gemm']:.2f}x | "
-                  f"{t['bf16'] / t['gemm']:.2f}x | {t['gemm1'] / t['gemm']:.2f}x |")
+            print(f"| {name} {n}x{k} {held.codec} | {m} | {t['gemm'] * 1e6:.1f} | {t['gemm1'] * 1e6:.1f} | "
+                  f"{t['gemma'] * 1e6:.1f} | {q[0]} | {t['tiles'] * 1e6:.1f} | {t['bf16'] * 1e6:.1f} | {q[1]} | "
+                  f"{t['tiles'] / t['gemm']:.2f}x | {t['bf16'] / t['gemm']:.2f}x | {t['gemm1'] / t['gemm']:.2f}x | "
+                  f"{t['tiles'] / t['gemma']:.2f}x |")
     for var, value in saved.items():
         if value is None:
             os.environ.pop(var, None)

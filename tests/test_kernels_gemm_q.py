@@ -15,7 +15,7 @@ needs_gemm = pytest.mark.skipif(gemv.GEMM_LIBRARY.lib is None or gemv.DECODE_LIB
 
 @pytest.fixture(autouse=True)
 def int8_on(monkeypatch):
-    monkeypatch.delenv("MEMLM_GEMM_PLANES", raising=False)   # the default: two planes
+    monkeypatch.delenv("MEMLM_GEMM_PLANES", raising=False)   # the default: auto planes
     monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "1")    # the plain C path where VNNI is missing
     monkeypatch.setenv("MEMLM_INT8_GEMM", "1")           # every row count (auto: up to GEMM_AUTO_MAX_ROWS)
 
@@ -56,7 +56,7 @@ def _qmatmul(x: torch.Tensor, held: gemv.BlockWeight) -> torch.Tensor:
 def test_gemm_is_within_the_activation_rounding_bound(codec, n, k, m, planes, monkeypatch):
     monkeypatch.setenv("MEMLM_GEMM_PLANES", str(planes))
     held, x = _case(codec, n, k, m, n * k + m)
-    assert gemv.int8_gemm() and m >= gemv.GEMM_MIN_ROWS and gemv.gemm_planes() == planes
+    assert gemv.int8_gemm() and m >= gemv.GEMM_MIN_ROWS and gemv.gemm_planes() == (planes, 0.0)
     y = gemv.block_matmul(x, held)
     exact = x.double() @ gemv.dequantize(held).double().t()
     err = (y.double() - exact).abs()
@@ -88,9 +88,52 @@ def test_more_rows_than_one_activation_chunk(codec, planes, monkeypatch):
         torch.testing.assert_close(y[-6:], _qmatmul(x[-6:], held), rtol=1e-5, atol=1e-3)
 
 
+def _selective(x: torch.Tensor, kp: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemm_q.c's `auto` activations in torch: per block of 32, d0 = max|x| / 127, q0 = round(x / d0);
+    blocks whose max exceeds `ratio` x the row's rms add q1 = round((x - d0 q0) 256 / d0) (clamped
+    to 127). Returns (x as the kernel sees it, fp64; which blocks took the second plane)."""
+    xp = F.pad(x.float(), (0, kp - x.shape[1])).view(x.shape[0], -1, gemv.QK)     # fp32, as the C
+    amax = xp.abs().amax(-1, keepdim=True)
+    d0 = amax / 127
+    q0 = torch.round(xp * torch.where(amax > 0, 127 / amax, 0))
+    q1 = torch.round((xp - d0 * q0) * torch.where(d0 > 0, 256 / d0, 0)).clamp(-127, 127)
+    rms = xp.pow(2).mean((1, 2), keepdim=True).sqrt()
+    two = amax > ratio * rms
+    d0, q0, q1 = d0.double(), q0.double(), q1.double()
+    return (d0 * q0 + torch.where(two, d0 / 256 * q1, 0)).view(x.shape[0], kp), two.squeeze(-1)
+
+
+@needs_gemm
+@pytest.mark.parametrize("codec", gemv.CODECS)
+@pytest.mark.parametrize("n, k, m", [(100, 576, 100), (31, 1000, 513), (40, 1536, 9), (17, 2050, 33)])
+def test_auto_planes_add_the_second_plane_to_outlier_blocks_only(codec, n, k, m, monkeypatch):
+    """Rows with a massive channel, as SmolLM2's hidden states have, beside plain rows: the
+    kernel's result is the exact product of the activations the simulation above forms (a second
+    plane in the outlier blocks, one elsewhere), and much closer than one plane's in those rows."""
+    held, x = _case(codec, n, k, m, n + k + m)
+    g = torch.Generator().manual_seed(m)
+    hot = torch.rand(m, generator=g) < 0.5
+    x[hot, k // 3] = 250.0                   # one massive channel: > 16 x the row's rms from K = 576 on
+    x[hot, 2 * k // 3 + 5] *= 10.0
+    xs, two = _selective(x, held.padded_in, gemv.OUTLIER_RATIO)
+    assert bool(two[hot].any()) and not bool(two[~hot].any())
+    y = gemv.block_matmul(x, held)
+    w = F.pad(gemv.dequantize(held).double(), (0, held.padded_in - held.in_features))
+    want = xs @ w.t()
+    tol = 2e-5 * (xs.abs() @ w.abs().t()) + rounding_bound(x, held, 2)   # fp32 sums, a tie's rounding
+    assert bool(((y.double() - want).abs() <= tol).all())
+    monkeypatch.setenv("MEMLM_GEMM_PLANES", "1")
+    one = gemv.block_matmul(x, held)
+    exact = x.double() @ gemv.dequantize(held).double().t()
+    err_auto = (y.double() - exact)[hot].norm()
+    err_one = (one.double() - exact)[hot].norm()
+    assert float(err_auto) < 0.5 * float(err_one)
+    torch.testing.assert_close(y[~hot], one[~hot], rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+
+
 def test_a_bad_plane_count_is_refused(monkeypatch):
     monkeypatch.setenv("MEMLM_GEMM_PLANES", "3")
-    with pytest.raises(ValueError, match="MEMLM_GEMM_PLANES must be 1 or 2"):
+    with pytest.raises(ValueError, match="MEMLM_GEMM_PLANES must be 1, 2 or auto"):
         gemv.gemm_planes()
 
 
@@ -131,14 +174,17 @@ def test_without_the_native_library_it_is_dequantize_then_matmul(monkeypatch):
     torch.testing.assert_close(gemv.block_matmul(x, held), x @ gemv.dequantize(held).t(), rtol=1e-5, atol=1e-4)
 
 
-def test_the_gemm_is_on_by_default_for_two_planes_up_to_the_auto_row_count(monkeypatch):
+def test_the_gemm_is_on_by_default_at_every_row_count_with_auto_planes(monkeypatch):
     built = gemv.GEMM_LIBRARY.lib is not None
     monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "1")
     monkeypatch.delenv("MEMLM_INT8_GEMM", raising=False)
+    assert gemv.gemm_planes() == (2, gemv.OUTLIER_RATIO)
+    assert gemv.int8_gemm(gemv.GEMM_MIN_ROWS) == built and gemv.int8_gemm(4096) == built
+    monkeypatch.setenv("MEMLM_GEMM_PLANES", "2")                 # two planes: up to the auto row count
     assert gemv.int8_gemm(gemv.GEMM_AUTO_MAX_ROWS) == built and not gemv.int8_gemm(gemv.GEMM_AUTO_MAX_ROWS + 1)
     monkeypatch.setenv("MEMLM_GEMM_PLANES", "1")                 # one plane: never unless asked
     assert not gemv.int8_gemm(16)
-    monkeypatch.setenv("MEMLM_INT8_GEMM", "1")                   # every row count, either plane count
+    monkeypatch.setenv("MEMLM_INT8_GEMM", "1")                   # every row count, any plane setting
     assert gemv.int8_gemm(4096) == built
     monkeypatch.setenv("MEMLM_INT8_GEMM", "0")
     assert not gemv.int8_gemm(16)

@@ -56,7 +56,7 @@ DECODE_LIBRARY = native.Library("decode_q", "decode_q.c", {
     "block_attn_out_mlp": [_P, _P, _P, ctypes.c_float, _I, _P, _I, _P, _I, _P, _I, _I, _I, _I],
 })
 # the blocked 8-bit-activation GEMM (prefill chunks and large batches)
-GEMM_LIBRARY = native.Library("gemm_q", "gemm_q.c", {"qgemm": [_I, _P, _P, _P, _I, _I, _I, _I, _P]})
+GEMM_LIBRARY = native.Library("gemm_q", "gemm_q.c", {"qgemm": [_I, _P, _P, _P, _I, _I, _I, _I, ctypes.c_float, _P]})
 # From this many rows of x on, W is dequantized to bf16 tile by tile and multiplied by the bf16
 # GEMM (each weight reused over all rows, bf16 rounding like the bf16 method's batched path)
 # instead of decoding blocks once per 8 rows: measured on SmolLM2's four projection shapes (AMD
@@ -169,13 +169,13 @@ def dequantize(weight: BlockWeight) -> torch.Tensor:
 def int8_gemm(rows: int | None = None) -> bool:
     """Whether a block matmul of `rows` rows (GEMM_MIN_ROWS or more; None: any such count) takes
     the blocked 8-bit GEMM, given `int8_activations()` and its library built. `MEMLM_INT8_GEMM`:
-    `auto` (the default) from GEMM_MIN_ROWS to GEMM_AUTO_MAX_ROWS rows, where it beats the bf16
-    tiles (decode batches, short prefills); `1` at every row count (prefill chunks too); `0` never.
-    With one activation plane (`MEMLM_GEMM_PLANES=1`, llama.cpp's Q8) `auto` means never: about 1%
-    relative error per projection on SmolLM2's real activations flips the embedded model's greedy
-    answer to the Quickstart prompt ("What is the capital of France?": "L'Etoile, la Marseillaise,
-    ..." instead of "The capital of France is Paris."); two planes keep it. Read per call: tests
-    switch it."""
+    `auto` (the default) depends on the planes (`gemm_planes`): with `auto` planes (one plane,
+    a second for outlier blocks) at every row count, where it beats the bf16 tiles from 8 rows
+    to prefill chunks; with 2 from GEMM_MIN_ROWS to GEMM_AUTO_MAX_ROWS rows (decode batches,
+    short prefills); with 1 never: about 1% relative error per projection on SmolLM2's real
+    activations flips the embedded model's greedy answer to the Quickstart prompt ("What is the
+    capital of France?": "L'Etoile, la Marseillaise, ..." instead of "The capital of France is
+    Paris."). `1`: at every row count; `0`: never. Read per call: tests switch it."""
     import os
 
     mode = os.environ.get("MEMLM_INT8_GEMM", "auto")
@@ -183,21 +183,31 @@ def int8_gemm(rows: int | None = None) -> bool:
         raise ValueError(f"MEMLM_INT8_GEMM must be auto, 0 or 1, got {mode!r}")
     if mode == "0" or not int8_activations() or GEMM_LIBRARY.lib is None:
         return False
-    if mode == "1":
+    planes, outlier = gemm_planes()
+    if mode == "1" or outlier > 0:
         return True
-    return gemm_planes() == 2 and (rows is None or rows <= GEMM_AUTO_MAX_ROWS)
+    return planes == 2 and (rows is None or rows <= GEMM_AUTO_MAX_ROWS)
 
 
-def gemm_planes() -> int:
-    """8-bit planes per activation in the blocked GEMM: 2 (the default) quantizes each block of
-    32 and then what that left, which carries ~15 bits of x; 1 is llama.cpp's Q8 activations.
-    `MEMLM_GEMM_PLANES=1|2`. Read per call: tests switch it."""
+# `auto` planes: a block of 32 gets the second plane where its max |x| exceeds this many times
+# the row's root mean square. On the Quickstart prompt 32 already keeps the answer (0.2% of the
+# prefill's blocks); 16 (about 2%) leaves a margin (BENCHMARKS.md, "A second plane for outlier
+# blocks").
+OUTLIER_RATIO = 16.0
+
+
+def gemm_planes() -> tuple[int, float]:
+    """(planes, outlier ratio) of the blocked GEMM's activations, `MEMLM_GEMM_PLANES`: `auto`
+    (the default) quantizes each block of 32 to 8 bits and adds a second 8-bit plane (what the
+    first left, ~15 bits in all) only to blocks with a massive channel (max |x| > OUTLIER_RATIO
+    x the row's rms); `2` gives every block both planes; `1` none (llama.cpp's Q8 activations).
+    Read per call: tests switch it."""
     import os
 
-    env = os.environ.get("MEMLM_GEMM_PLANES", "2")
-    if env not in ("1", "2"):
-        raise ValueError(f"MEMLM_GEMM_PLANES must be 1 or 2, got {env!r}")
-    return int(env)
+    env = os.environ.get("MEMLM_GEMM_PLANES", "auto")
+    if env not in ("1", "2", "auto"):
+        raise ValueError(f"MEMLM_GEMM_PLANES must be 1, 2 or auto, got {env!r}")
+    return (2, OUTLIER_RATIO) if env == "auto" else (int(env), 0.0)
 
 
 def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> torch.Tensor:
@@ -232,8 +242,9 @@ def _int8_gemm(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
     """x (M, Kp) fp32 contiguous -> (M, N) fp32 through gemm_q.c (8-bit activations)."""
     y = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
     status = torch.zeros(1, dtype=torch.int32)
+    planes, outlier = gemm_planes()
     GEMM_LIBRARY.lib.qgemm(GGML_TYPE_IDS[weight.codec], weight.blocks.data_ptr(), x.data_ptr(), y.data_ptr(),
-                           x.shape[0], weight.out_features, weight.padded_in, gemm_planes(), status.data_ptr())
+                           x.shape[0], weight.out_features, weight.padded_in, planes, outlier, status.data_ptr())
     if int(status[0]) != 0:
         raise MemoryError(f"the 8-bit block GEMM could not allocate its workspace (about "
                           f"{GEMM_CHUNK_BYTES >> 20} MiB): free memory or set MEMLM_INT8_ACTIVATIONS=0")

@@ -19,7 +19,7 @@
    sum_g sum_j |w_gj| d_x,g / 2 (the rounding of x; the tests check it).
 
    Workspace, bounded and allocated per call: the quantized activations of at most
-   max(MR, CHUNK_BYTES / K) rows at a time (K + 12 K / 32 bytes a row) and one panel per thread
+   max(MR, CHUNK_BYTES / K) rows at a time (K + 13 K / 32 bytes a row) and one panel per thread
    (NP (K + 8 K / 32) bytes). `status` is set to 0 on success, 1 when that allocation failed
    (y is then not written). Threads split the panels (OpenMP). Plain C, the same integers, where
    the compiler does not target AVX-512 VNNI. Wrapped by memlm/kernels/gemv.py (`block_matmul`). */
@@ -44,8 +44,9 @@ enum { QK = 32, TYPE_Q4_0 = 2, TYPE_Q4_1 = 3, TYPE_Q8_0 = 8, MR = 4, NP = 32, KQ
 
 
 /* Quantized activation rows: q (rows, K) int8; per row and block d, s = d sum(q) (fp32) and
-   bias = -off sum(q) (int32; off = 8 for Q4_0, 128 for Q8_0, 0 for Q4_1). */
-typedef struct { int8_t* q; float *d, *s; int32_t* bias; int K, G; } xact;
+   bias = -off sum(q) (int32; off = 8 for Q4_0, 128 for Q8_0, 0 for Q4_1); with a selective
+   second plane, `two` (rows, G) says which blocks carry one (NULL: every block does). */
+typedef struct { int8_t* q; float *d, *s; int32_t* bias; uint8_t* two; int K, G; } xact;
 
 /* One block of 32: q = round(xb * 127 / amax) into qb; returns the integer sum, *d = amax / 127. */
 static int quantize_block(const float* xb, int8_t* qb, float* d) {
@@ -73,12 +74,32 @@ static int quantize_block(const float* xb, int8_t* qb, float* d) {
 /* Row `x` -> row r of `a`: per block, plane 0 is q0 = round(x / d0); with planes = 2, plane 1
    is what that left at 256 times the resolution, q1 = round((x - d0 q0) 256 / d0) (|q1| <= 128,
    clamped to 127), so x ~ (d0 / 256) (256 q0 + q1) and the kernel forms 256 isum0 + isum1 in
-   int32 (at most 2^28 in magnitude) under the one scale d = d0 / 256. */
-static void quantize_row(const xact* a, int r, const float* x, int off, int planes) {
+   int32 (at most 2^28 in magnitude) under the one scale d = d0 / 256. With `outlier` > 0 only
+   the blocks whose max |x| exceeds `outlier` times the row's root mean square get plane 1 (the
+   rest are stored as with planes = 1, q1 = 0, and a->two marks which is which): on SmolLM2 the
+   rounding of plane 0 in those few blocks, a row's massive channels beside small ones, is what
+   moves greedy answers (BENCHMARKS.md, "A second plane for outlier blocks"). */
+static void quantize_row(const xact* a, int r, const float* x, int off, int planes, float outlier) {
     const int G = a->G;
     int8_t* q = a->q + (int64_t)r * planes * a->K;
     float *d = a->d + (int64_t)r * G, *s = a->s + (int64_t)r * G;
     int32_t* bias = a->bias + (int64_t)r * G;
+    uint8_t* two = a->two != NULL ? a->two + (int64_t)r * G : NULL;
+    float limit = 0.f;
+    if (planes == 2 && outlier > 0.f) {
+        float ss = 0.f;
+#if defined(__AVX512F__)
+        __m512 acc = _mm512_setzero_ps();
+        for (int j = 0; j < a->K; j += 16) {              /* K % 32 == 0 */
+            const __m512 v = _mm512_loadu_ps(x + j);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        ss = _mm512_reduce_add_ps(acc);
+#else
+        for (int j = 0; j < a->K; j++) ss += x[j] * x[j];
+#endif
+        limit = outlier * sqrtf(ss / (float)a->K);
+    }
     for (int g = 0; g < G; g++) {
         const float* xb = x + g * QK;
         int8_t* q0 = q + g * QK;
@@ -91,6 +112,15 @@ static void quantize_row(const xact* a, int r, const float* x, int off, int plan
             continue;
         }
         int8_t* q1 = q + a->K + g * QK;
+        const int second = outlier <= 0.f || d0 * 127.f > limit;
+        if (two != NULL) two[g] = (uint8_t)second;
+        if (!second) {                         /* plane 0 alone, as with planes = 1; q1 = 0 */
+            memset(q1, 0, QK);
+            d[g] = d0;
+            s[g] = d0 * (float)sum0;
+            bias[g] = -off * sum0;
+            continue;
+        }
         const float up = d0 > 0.f ? 256.f / d0 : 0.f;
         int sum1 = 0;
         for (int j = 0; j < QK; j++) {
@@ -224,34 +254,48 @@ static inline __attribute__((always_inline)) void tile(int type, const uint8_t* 
     __m512 f[MR][2];
     for (int r = 0; r < mr; r++) f[r][0] = f[r][1] = _mm512_setzero_ps();
     for (int g = 0; g < G; g++) {
+        /* which rows of the tile carry plane 1 in block g; none: plane 0 alone, as planes = 1 */
+        int two[MR], second = 0;
+        for (int r = 0; r < mr; r++) {
+            two[r] = planes == 2 && (a->two == NULL || a->two[(int64_t)(r0 + r) * G + g]);
+            second |= two[r];
+        }
         __m512i acc[MR][2], acc1[MR][2];
         for (int r = 0; r < mr; r++) {
             const __m512i b = type == TYPE_Q4_1 ? _mm512_setzero_si512()
                                                 : _mm512_set1_epi32(a->bias[(int64_t)(r0 + r) * G + g]);
-            acc[r][0] = acc[r][1] = planes == 2 ? _mm512_setzero_si512() : b;
-            if (planes == 2) acc1[r][0] = acc1[r][1] = b;
+            acc[r][0] = acc[r][1] = second ? _mm512_setzero_si512() : b;
+            acc1[r][0] = acc1[r][1] = b;
         }
         const uint8_t* pg = pu + (int64_t)g * KQ * NP * 4;
         const int8_t* xg = a->q + (int64_t)r0 * ldq + g * QK;
-        for (int kq = 0; kq < KQ; kq++) {
-            const __m512i w0 = _mm512_loadu_si512((const void*)(pg + kq * NP * 4));
-            const __m512i w1 = _mm512_loadu_si512((const void*)(pg + kq * NP * 4 + 64));
-            for (int r = 0; r < mr; r++) {
-                const __m512i xb = bcast4(xg + r * ldq + 4 * kq);
-                acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, xb);
-                acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, xb);
-                if (planes == 2) {
-                    const __m512i xr = bcast4(xg + r * ldq + K + 4 * kq);
+        if (second) {
+            for (int kq = 0; kq < KQ; kq++) {
+                const __m512i w0 = _mm512_loadu_si512((const void*)(pg + kq * NP * 4));
+                const __m512i w1 = _mm512_loadu_si512((const void*)(pg + kq * NP * 4 + 64));
+                for (int r = 0; r < mr; r++) {
+                    const __m512i xb = bcast4(xg + r * ldq + 4 * kq), xr = bcast4(xg + r * ldq + K + 4 * kq);
+                    acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, xb);
+                    acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, xb);
                     acc1[r][0] = _mm512_dpbusd_epi32(acc1[r][0], w0, xr);
                     acc1[r][1] = _mm512_dpbusd_epi32(acc1[r][1], w1, xr);
                 }
             }
-        }
-        if (planes == 2)
-            for (int r = 0; r < mr; r++) {
-                acc[r][0] = _mm512_add_epi32(_mm512_slli_epi32(acc[r][0], 8), acc1[r][0]);
-                acc[r][1] = _mm512_add_epi32(_mm512_slli_epi32(acc[r][1], 8), acc1[r][1]);
+            for (int r = 0; r < mr; r++) {              /* rows without plane 1: q1 = 0, acc1 = bias */
+                acc[r][0] = _mm512_add_epi32(two[r] ? _mm512_slli_epi32(acc[r][0], 8) : acc[r][0], acc1[r][0]);
+                acc[r][1] = _mm512_add_epi32(two[r] ? _mm512_slli_epi32(acc[r][1], 8) : acc[r][1], acc1[r][1]);
             }
+        } else {
+            for (int kq = 0; kq < KQ; kq++) {
+                const __m512i w0 = _mm512_loadu_si512((const void*)(pg + kq * NP * 4));
+                const __m512i w1 = _mm512_loadu_si512((const void*)(pg + kq * NP * 4 + 64));
+                for (int r = 0; r < mr; r++) {
+                    const __m512i xb = bcast4(xg + r * ldq + 4 * kq);
+                    acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], w0, xb);
+                    acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], w1, xb);
+                }
+            }
+        }
         const __m512 d0 = _mm512_loadu_ps(pd + g * NP), d1 = _mm512_loadu_ps(pd + g * NP + 16);
         for (int r = 0; r < mr; r++) {
             const __m512 dx = _mm512_set1_ps(a->d[(int64_t)(r0 + r) * G + g]);
@@ -288,7 +332,8 @@ static inline __attribute__((always_inline)) void tile(int type, const uint8_t* 
                         i0 += (int32_t)pg[kq * NP * 4 + e] * xg[4 * kq + e];
                         if (planes == 2) i1 += (int32_t)pg[kq * NP * 4 + e] * xg[K + 4 * kq + e];
                     }
-                int32_t isum = planes == 2 ? i0 * 256 + i1 : i0;
+                const int two = planes == 2 && (a->two == NULL || a->two[ro * G + g]);
+                int32_t isum = two ? i0 * 256 + i1 : i0;
                 if (type != TYPE_Q4_1) isum += a->bias[ro * G + g];
                 acc += (float)isum * (pd[g * NP + c] * a->d[ro * G + g]);
                 if (type == TYPE_Q4_1) acc += pm[g * NP + c] * a->s[ro * G + g];
@@ -300,7 +345,7 @@ static inline __attribute__((always_inline)) void tile(int type, const uint8_t* 
 }
 
 void qgemm(int type, const uint8_t* W, const float* x, float* y, int M, int N, int K, int planes,
-           int32_t* status) {
+           float outlier, int32_t* status) {
     *status = 0;
     if (block_bytes(type) == 0 || M <= 0 || N <= 0 || K <= 0 || K % QK || planes < 1 || planes > 2) return;
     const int G = K / QK, off = type == TYPE_Q8_0 ? 128 : type == TYPE_Q4_0 ? 8 : 0;
@@ -313,14 +358,15 @@ void qgemm(int type, const uint8_t* W, const float* x, float* y, int M, int N, i
     const size_t panel_u = (size_t)G * KQ * NP * 4, panel_f = (size_t)G * NP;
     const size_t panel_bytes = (panel_u + 2 * panel_f * sizeof(float) + 63) / 64 * 64;
     const size_t xq_bytes = ((size_t)chunk * planes * K + 63) / 64 * 64;
-    const size_t ws_bytes = xq_bytes + (size_t)chunk * G * 12 + (size_t)threads * panel_bytes;
+    const size_t ws_bytes = xq_bytes + (size_t)chunk * G * 13 + (size_t)threads * panel_bytes;
     char* ws = (char*)aligned_alloc(64, (ws_bytes + 63) / 64 * 64);
     if (ws == NULL) { *status = 1; return; }
-    char* panels = ws + xq_bytes + (size_t)chunk * G * 12 + 63;
+    char* panels = ws + xq_bytes + (size_t)chunk * G * 13 + 63;
     panels = (char*)((uintptr_t)panels & ~(uintptr_t)63);
-    xact a = {(int8_t*)ws, (float*)(ws + xq_bytes), NULL, NULL, K, G};
+    xact a = {(int8_t*)ws, (float*)(ws + xq_bytes), NULL, NULL, NULL, K, G};
     a.s = a.d + (size_t)chunk * G;
     a.bias = (int32_t*)(a.s + (size_t)chunk * G);
+    if (planes == 2 && outlier > 0.f) a.two = (uint8_t*)(a.bias + (size_t)chunk * G);
     const int n_panels = (N + NP - 1) / NP;
     _Pragma("omp parallel num_threads(threads) if((int64_t)N * K * M >= 65536)")
     {
@@ -330,7 +376,7 @@ void qgemm(int type, const uint8_t* W, const float* x, float* y, int M, int N, i
         for (int c0 = 0; c0 < M; c0 += chunk) {
             const int rows = M - c0 < chunk ? M - c0 : chunk;
             _Pragma("omp for schedule(static)")
-            for (int r = 0; r < rows; r++) quantize_row(&a, r, x + (int64_t)(c0 + r) * K, off, planes);
+            for (int r = 0; r < rows; r++) quantize_row(&a, r, x + (int64_t)(c0 + r) * K, off, planes, outlier);
             _Pragma("omp for schedule(static)")
             for (int p = 0; p < n_panels; p++) {
                 const int n0 = p * NP, nc = N - n0 < NP ? N - n0 : NP;

@@ -111,3 +111,20 @@ def test_dtype_flags_speak_the_one_vocabulary_and_help_reads_the_defaults(monkey
     assert f"default {config.MAX_NUM_SEQS}" in help_text
     assert f"default {config.MAX_NUM_BATCHED_TOKENS}" in help_text
     assert "{auto,fp32,fp16,bf16,int8,int4,int2}" in help_text and "{auto,fp32,bf16,int8,int4}" in help_text
+
+
+def test_serve_steps_are_smaller_by_default_and_the_flag_wins():
+    """`memlm serve` defaults to SERVE_MAX_NUM_BATCHED_TOKENS tokens a step (first tokens of
+    simultaneous requests sooner); the other commands keep the engine's default; a flag wins."""
+    from memlm.engine import config
+    from memlm.entrypoints.cli import args as args_mod, build_parser
+
+    serve = build_parser().parse_args(["serve"])
+    assert args_mod.engine_kwargs(serve)["max_num_batched_tokens"] == config.SERVE_MAX_NUM_BATCHED_TOKENS
+    assert config.SERVE_MAX_NUM_BATCHED_TOKENS < config.MAX_NUM_BATCHED_TOKENS
+    generate = build_parser().parse_args(["generate", "hi"])
+    assert "max_num_batched_tokens" not in args_mod.engine_kwargs(generate)
+    flagged = build_parser().parse_args(["serve", "--max-num-batched-tokens", "1024"])
+    assert args_mod.engine_kwargs(flagged)["max_num_batched_tokens"] == 1024
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["serve"].format_help().split())
+    assert f"(default {config.SERVE_MAX_NUM_BATCHED_TOKENS})" in help_text

@@ -26,8 +26,10 @@ ENGINE_KNOBS = ("max_num_seqs", "max_num_batched_tokens", "kv_dtype", "num_threa
                 "enable_prefix_caching", "prefix_cache_policy")
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """--model, --memory-budget, --device and the engine knobs."""
+def add_model_args(p: argparse.ArgumentParser,
+                   batched_tokens: int = engine_config.MAX_NUM_BATCHED_TOKENS) -> None:
+    """--model, --memory-budget, --device and the engine knobs; `batched_tokens`: the command's
+    default step (--max-num-batched-tokens), the engine's own unless the command has its own."""
     from memlm.entrypoints.llm import WEIGHT_DTYPES
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help="model name, .gguf file or Hugging Face directory (default: %(default)s)")
@@ -37,9 +39,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help=f"sequences batched at once (default {engine_config.MAX_NUM_SEQS}; one for a "
                         "single prompt or a chat)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help=f"tokens per engine step, prefill chunks + decodes "
-                        f"(default {engine_config.MAX_NUM_BATCHED_TOKENS})")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   default=None if batched_tokens == engine_config.MAX_NUM_BATCHED_TOKENS else batched_tokens,
+                   help=f"tokens per engine step, prefill chunks + decodes (default {batched_tokens})")
     p.add_argument("--kv-dtype", default=None, metavar="{" + ",".join(
                        [dtypes.AUTO, *engine_config.KV_DTYPES]) + "}",
                    choices=dtypes.choices(engine_config.KV_DTYPES, allow_auto=True),

@@ -19,6 +19,7 @@ import threading
 
 from memlm.entrypoints.cli import args as args_mod
 from memlm.errors import MemlmError
+from memlm.engine.config import SERVE_MAX_NUM_BATCHED_TOKENS
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -135,5 +136,5 @@ def add_commands(subparsers) -> None:
                    help="with --ray: join this Ray cluster (e.g. 10.0.0.1:6379; default: start a local one)")
     s.add_argument("--replica-cpus", type=float, default=1.0,
                    help="with --ray: CPUs Ray reserves per replica (default %(default)s)")
-    args_mod.add_model_args(s)
+    args_mod.add_model_args(s, batched_tokens=SERVE_MAX_NUM_BATCHED_TOKENS)
     s.set_defaults(func=cmd_serve)

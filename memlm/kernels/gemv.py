@@ -212,8 +212,9 @@ def gemm_planes() -> tuple[int, float]:
 
 def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> torch.Tensor:
     """x (M, K) float -> (M, N) fp32 = x @ W.T. Unless `exact` (the LM head: fp32 activations
-    below TILE_MIN_ROWS rows), where `int8_activations()`: 8-bit activations, decode_q.c's qmatmul
-    below GEMM_MIN_ROWS rows and the blocked GEMM (gemm_q.c) from there on. Otherwise the fp32
+    below TILE_MIN_ROWS rows, the GEMM's two planes from there on where it is on), where
+    `int8_activations()`: 8-bit activations, decode_q.c's qmatmul below GEMM_MIN_ROWS rows and
+    the blocked GEMM (gemm_q.c) from there on. Otherwise the fp32
     block kernel (rows 8 at a time) below TILE_MIN_ROWS rows and bf16 tiles of W through the
     bf16 GEMM from there on where it is fast."""
     x = x.float()
@@ -226,6 +227,8 @@ def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> t
     m = x.shape[0]
     if m >= GEMM_MIN_ROWS and not exact and int8_gemm(m):
         return _int8_gemm(x, weight)
+    if exact and m >= TILE_MIN_ROWS and _exact_gemm():
+        return _int8_gemm(x, weight, (2, 0.0))
     if m >= TILE_MIN_ROWS and _bf16_gemm_is_fast():
         return _tiled_bf16_matmul(x, weight)
     y = torch.empty(m, weight.out_features, dtype=torch.float32)
@@ -238,11 +241,20 @@ def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> t
     return y
 
 
-def _int8_gemm(x: torch.Tensor, weight: BlockWeight) -> torch.Tensor:
-    """x (M, Kp) fp32 contiguous -> (M, N) fp32 through gemm_q.c (8-bit activations)."""
+def _exact_gemm() -> bool:
+    """Whether the `exact` LM head takes the GEMM with two planes in every block (~15 bits of x,
+    integer sums: closer to fp32 than the bf16 tiles' bf16 x) from TILE_MIN_ROWS rows on: where
+    the GEMM is on at all. It keeps no per-shape state, so the head costs no oneDNN state per row
+    bucket (25 MiB resident on SmolLM2 at 512-token steps, and a warm-up transient)."""
+    return int8_gemm() and GEMM_LIBRARY.lib is not None
+
+
+def _int8_gemm(x: torch.Tensor, weight: BlockWeight, planes: tuple[int, float] | None = None) -> torch.Tensor:
+    """x (M, Kp) fp32 contiguous -> (M, N) fp32 through gemm_q.c (8-bit activations; `planes`:
+    (planes, outlier ratio), default `gemm_planes()`)."""
     y = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
     status = torch.zeros(1, dtype=torch.int32)
-    planes, outlier = gemm_planes()
+    planes, outlier = planes or gemm_planes()
     GEMM_LIBRARY.lib.qgemm(GGML_TYPE_IDS[weight.codec], weight.blocks.data_ptr(), x.data_ptr(), y.data_ptr(),
                            x.shape[0], weight.out_features, weight.padded_in, planes, outlier, status.data_ptr())
     if int(status[0]) != 0:
@@ -279,6 +291,8 @@ def warm_up(weight: BlockWeight, m: int, exact: bool = False) -> None:
     them all. (The whole LM head at 2048 rows would be a 400 MB output, outside the budget,
     before the plan exists.) Nothing to do where those rows take the 8-bit GEMM (no state)."""
     if not exact and m >= GEMM_MIN_ROWS and int8_gemm(m):
+        return
+    if exact and m >= TILE_MIN_ROWS and _exact_gemm():
         return
     kp, n = weight.padded_in, weight.out_features
     rows = max(1, min(n, TILE_ELEMENTS // kp))

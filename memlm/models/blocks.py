@@ -22,6 +22,11 @@ from memlm.models.recurrent import RecurrentMixer
 # The native per-layer decode steps, by the weights they run on (a name on the layer, not the
 # module itself: layers are deep-copied, and modules cannot be)
 _STEP_KERNELS = {"blocks": block_layer, "dense": dense_layer}
+# Rows of a step's MLP run at once in the fused path: its (rows, 2 x intermediate) gate|up output
+# is a step's largest temporary (fp32 from the block GEMM, then bf16: 9 MiB at 512 SmolLM2 rows,
+# 37 MiB at 2048), so longer steps run it in chunks of this many rows, which the matmuls still
+# fill (BENCHMARKS.md, "The MLP in row chunks").
+MLP_CHUNK_ROWS = 256
 
 
 class RMSNorm(nn.Module):
@@ -303,7 +308,9 @@ class DecoderLayer(nn.Module):
         out = kv.attend(depth, q.view(N, nh, hd), k.view(N, nkv, hd), v.view(N, nkv, hd))  # (N, nh, hd)
         a = attn.o_proj(out.reshape(N, nh * hd))                                         # bf16
         x, h = fused_ops.add_rms_norm_bf16(x, a, self.mlp_norm.weight, self.mlp_norm.eps)
-        return x.add_(mlp.down_proj(fused_ops.silu_mul_bf16(mlp.gate_up_proj(h))))     # fp32 += bf16
+        for r in range(0, N, MLP_CHUNK_ROWS):                                           # fp32 += bf16
+            x[r:r + MLP_CHUNK_ROWS].add_(mlp.down_proj(fused_ops.silu_mul_bf16(mlp.gate_up_proj(h[r:r + MLP_CHUNK_ROWS]))))
+        return x
 
     def _forward_blocks(self, x, depth: int, kv, rope):
         """`_forward_fused` for a few rows on block weights: norm, q|k|v and RoPE in one native call,

@@ -1,6 +1,8 @@
 """The ggml block codecs (Q8_0 / Q4_0 / Q4_1) and their matmul: dequantization bit-exact with
 `gguf.quants`, the native kernel against dequantize-then-matmul over odd shapes and batch
 sizes, and the torch fallback (MEMLM_NATIVE=0) the same."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -95,12 +97,17 @@ def test_warm_up_runs_one_full_and_one_partial_tile_not_the_whole_weight(monkeyp
     held = gemv.quantize(torch.randn(23, 64), "q8_0")           # 4 full tiles + 3 rows
     seen = []
     monkeypatch.setattr(gemv, "block_matmul", lambda x, w, exact=False: seen.append((x.shape, w.out_features, exact)))
+    monkeypatch.setattr(gemv, "int8_gemm", lambda rows=None: False)      # no 8-bit GEMM: bf16 tiles
     gemv.warm_up(held, 40, exact=True)                          # the LM head: bf16 tiles at 40 rows
     assert sorted(seen) == [((40, 64), 3, True), ((40, 64), 5, True)]
     seen.clear()
-    monkeypatch.setattr(gemv, "int8_gemm", lambda rows=None: True)       # projections on the 8-bit GEMM: no state
-    gemv.warm_up(held, 40)
-    assert seen == []
-    monkeypatch.setattr(gemv, "int8_gemm", lambda rows=None: False)      # ... and without it, tiles again
     gemv.warm_up(held, 40)
     assert sorted(seen) == [((40, 64), 3, False), ((40, 64), 5, False)]
+    seen.clear()
+    monkeypatch.setattr(gemv, "int8_gemm", lambda rows=None: True)       # projections and the head
+    monkeypatch.setattr(gemv, "GEMM_LIBRARY", SimpleNamespace(lib=object()))   # on the GEMM: no state
+    gemv.warm_up(held, 40)
+    gemv.warm_up(held, 40, exact=True)
+    assert seen == []
+    gemv.warm_up(held, gemv.TILE_MIN_ROWS - 1, exact=True)      # below the tiles: the fp32 kernel
+    assert len(seen) == 2

@@ -244,18 +244,24 @@ def main() -> None:
               f"peak RSS {r['peak_rss'] / 2**20:6.0f} MiB" +
               (f"  weights {r['weight_bytes'] / 2**20:.0f} MiB" if "weight_bytes" in r else ""), flush=True)
     def ratio(a: str, b: str) -> None:
-        """a / b per run of a, against the mean of b's runs (every run of each is printed above)."""
+        """a / b per run of a: against b's run of the same index where both ran equally often
+        (alternated runs, so each pair saw the same host speed, which moves between runs here),
+        else against the mean of b's runs (every run of each is printed above)."""
+        ok_a = [r for n, r in runs if n == a and "error" not in r]
         ok_b = [r for n, r in runs if n == b and "error" not in r]
         if not ok_b:
             return
-        dec = sum(r["decode_tok_s"] for r in ok_b) / len(ok_b)
-        rss = sum(r["peak_rss"] for r in ok_b) / len(ok_b)
-        ttft = sum(r["ttft"] for r in ok_b) / len(ok_b)
-        cpu = sum(r.get("cpu_ms", 0.0) for r in ok_b) / len(ok_b)
-        for i, r in enumerate(r for n, r in runs if n == a and "error" not in r):
-            cpu_ratio = f"cpu per token {cpu / r['cpu_ms']:.2f}x (theirs / ours), " if cpu and "cpu_ms" in r else ""
-            print(f"  {a}{f' (run {i + 1})' if i else ''} / {b}: decode {r['decode_tok_s'] / dec:.2f}x, {cpu_ratio}"
-                  f"ttft {r['ttft'] / ttft:.2f}x, peak RSS {r['peak_rss'] / rss:.2f}x", flush=True)
+        def mean(rs: list[dict]) -> dict:
+            return {k: sum(r.get(k, 0.0) for r in rs) / len(rs) for k in ("decode_tok_s", "peak_rss", "ttft", "cpu_ms")}
+        paired = len(ok_a) == len(ok_b)
+        for i, r in enumerate(ok_a):
+            o = mean([ok_b[i]] if paired else ok_b)
+            cpu_ratio = (f"cpu per token {o['cpu_ms'] / r['cpu_ms']:.2f}x (theirs / ours), "
+                         if o["cpu_ms"] and "cpu_ms" in r else "")
+            against = f"{b} run {i + 1}" if paired and len(ok_b) > 1 else b if paired else f"{b} (mean)"
+            print(f"  {a}{f' (run {i + 1})' if len(ok_a) > 1 else ''} / {against}: decode "
+                  f"{r['decode_tok_s'] / o['decode_tok_s']:.2f}x, {cpu_ratio}ttft {r['ttft'] / o['ttft']:.2f}x, "
+                  f"peak RSS {r['peak_rss'] / o['peak_rss']:.2f}x", flush=True)
     for name in dict.fromkeys(names):
         if name != "bf16" and not name.startswith("llamacpp"):
             ratio(name, "bf16")

@@ -9,7 +9,11 @@
    with each column's d and m per block as fp32. The register tile is MR rows x 32 columns: per
    group of 4 inputs each row's 4 activation bytes are broadcast (signed) against the two weight
    vectors (unsigned) by vpdpbusd into int32 per block; per block the fp32 accumulators then take
-   d_w d_x isum (+ m_w s_x for Q4_1). The unsigned weight bytes u and the integer sums:
+   d_w d_x isum (+ m_w s_x for Q4_1). `planes` = 2 adds a second 8-bit plane per block (what
+   the first left; see quantize_row), to every block (`outlier` = 0) or only to the blocks with a
+   massive channel (`outlier` > 0, Python's `MEMLM_GEMM_PLANES=auto`), and a tile runs the second
+   plane's dot products only for the blocks where one of its rows has it. The unsigned weight
+   bytes u and the integer sums:
 
      Q4_1  u = q (0..15)   isum = sum(u qx)                  w = d u + m  (+ m s_x in fp32)
      Q4_0  u = q (0..15)   isum = sum(u qx) - 8 sum(qx)      w = d (u - 8)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import replace
 
 from memlm import dtypes, runtime
@@ -207,9 +208,17 @@ def _start(work, run, threads: int | None, ddp_backend: str | None = None) -> in
         # group while its peer still talks to it aborted the peer ("terminate called without an
         # active exception", seen once in CI)
         dist.barrier()
-        return code
     finally:
         dist.close()
+    # A torchrun worker whose run succeeded leaves without the interpreter's finalization: gloo
+    # work still referenced there can abort it after the run (the same message, seen again in CI
+    # with the barrier in place), turning a finished run into exit code -6. Its files are closed
+    # by now; the streams and logging are flushed here.
+    import logging
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def cmd_train(args) -> int:

@@ -96,7 +96,7 @@ def main() -> None:
         if args.only and args.only not in label and label != SETTINGS[0][0]:
             continue
         native, _, extra = native.partition(":")
-        env = dict(os.environ, MEMLM_NATIVE=native, **dict(kv.split("=") for kv in extra.split(",") if kv))
+        env = dict(os.environ, MEMLM_NATIVE=native, **dict(pair.split("=") for pair in extra.split(",") if pair))
         out = subprocess.run([sys.executable, __file__, "--worker", dtype, kv, "--threads", str(args.threads),
                               "--tokens", str(args.tokens)], env=env, capture_output=True, text=True, check=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])

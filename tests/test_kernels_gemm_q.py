@@ -158,18 +158,19 @@ def test_the_switch_and_the_exact_head_take_the_other_paths(monkeypatch):
     monkeypatch.setattr(gemv, "_int8_gemm", lambda *a: calls.append(a[2:]) or real(*a))
     gemv.block_matmul(x, held)
     assert calls == [()]                                        # the default planes
-    head = gemv.block_matmul(x, held, exact=True)               # the LM head: two planes everywhere
-    assert calls == [(), ((2, 0.0),)]
-    assert bool(((head.double() - x.double() @ gemv.dequantize(held).double().t()).abs()
-                 <= rounding_bound(x, held, 2)).all())
+    monkeypatch.setenv("MEMLM_GEMM_PLANES", "1")
+    head = gemv.block_matmul(x, held, exact=True)               # the LM head: auto planes, whatever the env
+    monkeypatch.delenv("MEMLM_GEMM_PLANES")
+    assert calls == [(), ((2, gemv.OUTLIER_RATIO),)]
+    assert torch.equal(head, gemv.block_matmul(x, held))        # = the projections' default
     gemv.block_matmul(x[:gemv.TILE_MIN_ROWS - 1], held, exact=True)   # fewer rows: fp32 kernel
     gemv.block_matmul(x[:gemv.GEMM_MIN_ROWS - 1], held)         # a few rows: decode_q.c
-    assert len(calls) == 2
+    assert len(calls) == 3
     monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "0")
     assert not gemv.int8_gemm()
     y = gemv.block_matmul(x, held)                              # bf16 tiles or the fp32 kernel
     gemv.block_matmul(x, held, exact=True)
-    assert len(calls) == 2
+    assert len(calls) == 3
     torch.testing.assert_close(y, exact, rtol=0.02, atol=0.02 * float(exact.abs().max()))
 
 

@@ -109,5 +109,3 @@ def test_warm_up_runs_one_full_and_one_partial_tile_not_the_whole_weight(monkeyp
     gemv.warm_up(held, 40)
     gemv.warm_up(held, 40, exact=True)
     assert seen == []
-    gemv.warm_up(held, gemv.TILE_MIN_ROWS - 1, exact=True)      # below the tiles: the fp32 kernel
-    assert len(seen) == 2

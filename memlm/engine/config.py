@@ -19,8 +19,9 @@ MAX_NUM_BATCHED_TOKENS = 2048    # tokens per step (prefill chunks + decodes)
 # `memlm serve`'s step (vLLM too sizes its step by usage, smaller for its API server): requests
 # arrive together, and a step's prompts all get their first token when it ends, so smaller
 # steps let the first prompts answer while the rest prefill, and no decoding stream stalls
-# behind a long step. Measured on SmolLM2 (AMD EPYC, 2 vCPU, 2026-12-03, BENCHMARKS.md): multi-turn
-# TTFT p50 928 -> 491 ms (2048 -> 256), total 26.1 -> 22.5 s; 32 clients 680 -> 762 tok/s.
+# behind a long step. Measured on SmolLM2 (AMD EPYC, 2 vCPU, 2026-12-03, BENCHMARKS.md sixth round):
+# multi-turn TTFT p50 928 -> 491 ms (2048 -> 256 tokens, memlm alone); 32 clients' throughput
+# about the same (alternated runs: 503-508 against 494-557 tok/s).
 SERVE_MAX_NUM_BATCHED_TOKENS = 256
 MIN_NUM_BATCHED_TOKENS = 64      # the smallest step a small budget shrinks the step to
 TOKENS_PER_SEQ = 16              # a shrunk step keeps at most one sequence per this many tokens

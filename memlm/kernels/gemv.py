@@ -212,7 +212,7 @@ def gemm_planes() -> tuple[int, float]:
 
 def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> torch.Tensor:
     """x (M, K) float -> (M, N) fp32 = x @ W.T. Unless `exact` (the LM head: fp32 activations
-    below TILE_MIN_ROWS rows, the GEMM's two planes from there on where it is on), where
+    below TILE_MIN_ROWS rows, the GEMM's auto planes from there on where it is on), where
     `int8_activations()`: 8-bit activations, decode_q.c's qmatmul below GEMM_MIN_ROWS rows and
     the blocked GEMM (gemm_q.c) from there on. Otherwise the fp32
     block kernel (rows 8 at a time) below TILE_MIN_ROWS rows and bf16 tiles of W through the
@@ -228,7 +228,7 @@ def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> t
     if m >= GEMM_MIN_ROWS and not exact and int8_gemm(m):
         return _int8_gemm(x, weight)
     if exact and m >= TILE_MIN_ROWS and _exact_gemm():
-        return _int8_gemm(x, weight, (2, 0.0))
+        return _int8_gemm(x, weight, (2, OUTLIER_RATIO))
     if m >= TILE_MIN_ROWS and _bf16_gemm_is_fast():
         return _tiled_bf16_matmul(x, weight)
     y = torch.empty(m, weight.out_features, dtype=torch.float32)
@@ -242,10 +242,12 @@ def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False) -> t
 
 
 def _exact_gemm() -> bool:
-    """Whether the `exact` LM head takes the GEMM with two planes in every block (~15 bits of x,
-    integer sums: closer to fp32 than the bf16 tiles' bf16 x) from TILE_MIN_ROWS rows on: where
-    the GEMM is on at all. It keeps no per-shape state, so the head costs no oneDNN state per row
-    bucket (25 MiB resident on SmolLM2 at 512-token steps, and a warm-up transient)."""
+    """Whether the `exact` LM head takes the GEMM with `auto` planes (whatever
+    MEMLM_GEMM_PLANES says) from TILE_MIN_ROWS rows on instead of the bf16 tiles: where the GEMM
+    is on at all. It keeps no per-shape state, so the head costs no oneDNN state per row bucket
+    (25 MiB resident on SmolLM2 at 512-token steps, and a warm-up transient), at the tiles' speed
+    (`benchmarks/weight_kernels.py`: 5.27 against 5.33 ms at 32 rows; both planes everywhere
+    took 9.1 ms). Below TILE_MIN_ROWS the head keeps fp32 activations (exact greedy picks)."""
     return int8_gemm() and GEMM_LIBRARY.lib is not None
 
 

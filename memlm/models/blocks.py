@@ -25,7 +25,7 @@ _STEP_KERNELS = {"blocks": block_layer, "dense": dense_layer}
 # Rows of a step's MLP run at once in the fused path: its (rows, 2 x intermediate) gate|up output
 # is a step's largest temporary (fp32 from the block GEMM, then bf16: 9 MiB at 512 SmolLM2 rows,
 # 37 MiB at 2048), so longer steps run it in chunks of this many rows, which the matmuls still
-# fill (BENCHMARKS.md, "The MLP in row chunks").
+# fill (BENCHMARKS.md, sixth round, "The LM head and the MLP's temporaries").
 MLP_CHUNK_ROWS = 256
 
 
@@ -308,8 +308,9 @@ class DecoderLayer(nn.Module):
         out = kv.attend(depth, q.view(N, nh, hd), k.view(N, nkv, hd), v.view(N, nkv, hd))  # (N, nh, hd)
         a = attn.o_proj(out.reshape(N, nh * hd))                                         # bf16
         x, h = fused_ops.add_rms_norm_bf16(x, a, self.mlp_norm.weight, self.mlp_norm.eps)
-        for r in range(0, N, MLP_CHUNK_ROWS):                                           # fp32 += bf16
-            x[r:r + MLP_CHUNK_ROWS].add_(mlp.down_proj(fused_ops.silu_mul_bf16(mlp.gate_up_proj(h[r:r + MLP_CHUNK_ROWS]))))
+        for r in range(0, N, MLP_CHUNK_ROWS):
+            rows = slice(r, r + MLP_CHUNK_ROWS)
+            x[rows].add_(mlp.down_proj(fused_ops.silu_mul_bf16(mlp.gate_up_proj(h[rows]))))  # fp32 += bf16
         return x
 
     def _forward_blocks(self, x, depth: int, kv, rope):

@@ -39,7 +39,9 @@ SETTINGS = [  # (label, weight dtype[:int4 group size][@step tokens], kv_dtype, 
     ("int4 g32 blocks kept (native), fp16 KV", "int4:32", "float16", "1"),
     # 128-token steps with the 8-bit path off: bf16 tiles of W instead of the blocked 8-bit GEMM
     ("int4 g32 blocks kept (native), 8-bit activations off (bf16 tiles), fp32 KV", "int4:32", "float32",
-     "1:MEMLM_INT8_ACTIVATIONS=0"),
+     "1:MEMLM_INT8_ACTIVATIONS=0,MEMLM_AMX=0"),
+    # CPUs with AMX: from gemv.AMX_MIN_ROWS rows the AMX bf16 GEMM (the default there), and without it
+    ("int4 g32 blocks kept (native), AMX off (8-bit GEMM), fp32 KV", "int4:32", "float32", "1:MEMLM_AMX=0"),
     # 8-token steps: every matmul but the head takes the decode kernels (rows <= 8), with 8-bit
     # activations per block of 32 (AVX-512 VNNI) and without (fp32 activations)
     ("int4 g32 blocks kept, 8-token steps, 8-bit activations, fp32 KV", "int4:32@8", "float32", "1"),
@@ -47,13 +49,14 @@ SETTINGS = [  # (label, weight dtype[:int4 group size][@step tokens], kv_dtype, 
      "1:MEMLM_INT8_ACTIVATIONS=0"),
     # 512-token steps (prefill chunks): the blocked 8-bit GEMM's activation planes
     # (`gemv.gemm_planes`), and the bf16 tiles instead of it
-    ("int4 g32 blocks kept, 512-token steps, GEMM auto planes (default), fp32 KV", "int4:32@512", "float32", "1"),
+    ("int4 g32 blocks kept, 512-token steps, defaults (AMX where present), fp32 KV", "int4:32@512", "float32", "1"),
+    ("int4 g32 blocks kept, 512-token steps, GEMM auto planes, fp32 KV", "int4:32@512", "float32", "1:MEMLM_AMX=0"),
     ("int4 g32 blocks kept, 512-token steps, GEMM two planes, fp32 KV", "int4:32@512", "float32",
-     "1:MEMLM_GEMM_PLANES=2,MEMLM_INT8_GEMM=1"),
+     "1:MEMLM_GEMM_PLANES=2,MEMLM_INT8_GEMM=1,MEMLM_AMX=0"),
     ("int4 g32 blocks kept, 512-token steps, GEMM one plane, fp32 KV", "int4:32@512", "float32",
-     "1:MEMLM_GEMM_PLANES=1,MEMLM_INT8_GEMM=1"),
+     "1:MEMLM_GEMM_PLANES=1,MEMLM_INT8_GEMM=1,MEMLM_AMX=0"),
     ("int4 g32 blocks kept, 512-token steps, bf16 tiles, fp32 KV", "int4:32@512", "float32",
-     "1:MEMLM_INT8_GEMM=0"),
+     "1:MEMLM_INT8_GEMM=0,MEMLM_AMX=0"),
 ]
 
 

@@ -7,7 +7,8 @@ block kernel (csrc/gemv_q.c), "native x8" the 8-bit-activation path (csrc/decode
 Then the batched table (`--batch-rows`, prefill chunks and large decode batches): the blocked
 8-bit GEMM (csrc/gemm_q.c) vs the bf16-tile path (W dequantized to bf16 tiles for torch's bf16
 GEMM) on the same Q4_1 blocks vs the bf16 method's own matmul (its oneDNN-prepacked bf16 weight,
-rows padded to `row_bucket`), each from an fp32 x as the model passes it; the head in Q8_0.
+rows padded to `row_bucket`) vs, on CPUs with AMX, csrc/gemm_amx.c (the blocks decoded to bf16 once
+per call, AMX bf16 tiles), each from an fp32 x as the model passes it; the head in Q8_0.
 
     python benchmarks/weight_kernels.py [--threads 2] [--rows 1,2,4,8,16,64]
     python benchmarks/weight_kernels.py --rows none --batch-rows 8,16,32,64,128,512,2048
@@ -53,6 +54,7 @@ def batched_table(args, gemv) -> None:
     def path(name: str, x, w):
         # gemm: two 8-bit planes per activation; gemm1: one plane (llama.cpp's Q8); gemma: one,
         # and a second for outlier blocks (the default, `gemv.gemm_planes`)
+        os.environ["MEMLM_AMX"] = "1" if name == "amx" else "0"
         os.environ["MEMLM_INT8_ACTIVATIONS"] = "0" if name == "tiles" else "1"
         os.environ["MEMLM_INT8_GEMM"] = "0" if name == "tiles" else "1"
         os.environ["MEMLM_GEMM_PLANES"] = {"gemm1": "1", "gemma": "auto"}.get(name, "2")
@@ -73,13 +75,17 @@ def batched_table(args, gemv) -> None:
 
     print(f"# batched: 8-bit blocked GEMM (gemm_q.c) vs bf16 tiles of the same blocks vs the bf16 "
           f"method's prepacked bf16 matmul; {args.threads} threads, best of {args.repeats}; "
-          f"int8 GEMM built: {gemv.GEMM_LIBRARY.lib is not None}, VNNI: {gemv.int8_activations()}")
+          f"int8 GEMM built: {gemv.GEMM_LIBRARY.lib is not None}, VNNI: {gemv.int8_activations()}, "
+          f"AMX GEMM usable: {gemv.amx_gemm(gemv.AMX_MIN_ROWS)}")
     print("# `auto planes` runs on x with two massive channels (x 40, as SmolLM2's hidden states have), "
           "so 2 of each row's blocks of 32 get the second plane; the other cells on plain randn x")
     print("| shape | rows | gemm_q 2 planes us | 1 plane us | auto planes us | decode_q qmatmul us | bf16 tiles us | "
-          "bf16 method us | qmatmul / gemm | tiles / gemm | bf16 / gemm | 1 plane / gemm | tiles / auto |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    saved = {v: os.environ.get(v) for v in ("MEMLM_INT8_ACTIVATIONS", "MEMLM_INT8_GEMM", "MEMLM_GEMM_PLANES")}
+          "bf16 method us | AMX us | qmatmul / gemm | tiles / gemm | bf16 / gemm | 1 plane / gemm | tiles / auto | "
+          "auto / AMX | bf16 / AMX |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    saved = {v: os.environ.get(v) for v in ("MEMLM_INT8_ACTIVATIONS", "MEMLM_INT8_GEMM", "MEMLM_GEMM_PLANES",
+                                             "MEMLM_AMX")}
+    amx = gemv.amx_gemm(gemv.AMX_MIN_ROWS)
     for name, n, k, _ in SHAPES:
         w = torch.randn(n, k) * 0.05
         held = gemv.quantize(w, "q8_0" if name == "head" else "q4_1")
@@ -97,12 +103,16 @@ def batched_table(args, gemv) -> None:
                      ("bf16", lambda: bf16_method(x, wb, packed))]
             if m <= 16 and gemv.DECODE_LIBRARY.lib is not None:
                 cells.append(("qmatmul", lambda: qmatmul(x, held)))
+            if amx:
+                cells.append(("amx", lambda: path("amx", x, held)))
             t = {label: timed(fn, args.repeats) for label, fn in cells}
             q = (f"{t['qmatmul'] * 1e6:.1f}", f"{t['qmatmul'] / t['gemm']:.2f}x") if "qmatmul" in t else ("-", "-")
+            a = ((f"{t['amx'] * 1e6:.1f}", f"{t['gemma'] / t['amx']:.2f}x", f"{t['bf16'] / t['amx']:.2f}x")
+                 if amx else ("-", "-", "-"))
             print(f"| {name} {n}x{k} {held.codec} | {m} | {t['gemm'] * 1e6:.1f} | {t['gemm1'] * 1e6:.1f} | "
-                  f"{t['gemma'] * 1e6:.1f} | {q[0]} | {t['tiles'] * 1e6:.1f} | {t['bf16'] * 1e6:.1f} | {q[1]} | "
+                  f"{t['gemma'] * 1e6:.1f} | {q[0]} | {t['tiles'] * 1e6:.1f} | {t['bf16'] * 1e6:.1f} | {a[0]} | {q[1]} | "
                   f"{t['tiles'] / t['gemm']:.2f}x | {t['bf16'] / t['gemm']:.2f}x | {t['gemm1'] / t['gemm']:.2f}x | "
-                  f"{t['tiles'] / t['gemma']:.2f}x |")
+                  f"{t['tiles'] / t['gemma']:.2f}x | {a[1]} | {a[2]} |")
     for var, value in saved.items():
         if value is None:
             os.environ.pop(var, None)
@@ -120,6 +130,7 @@ def decode_table(args, gemv, quant) -> None:
 
     def act(on: bool, x, w):
         os.environ["MEMLM_INT8_ACTIVATIONS"] = "1" if on else "0"
+        os.environ["MEMLM_AMX"] = "0"        # the decode kernels (gemm_amx.c: the batched table)
         return gemv.block_matmul(x, w)
     totals: dict[str, float] = {}
     model_time = 0.0

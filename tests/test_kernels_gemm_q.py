@@ -18,6 +18,7 @@ def int8_on(monkeypatch):
     monkeypatch.delenv("MEMLM_GEMM_PLANES", raising=False)   # the default: auto planes
     monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "1")    # the plain C path where VNNI is missing
     monkeypatch.setenv("MEMLM_INT8_GEMM", "1")           # every row count (auto: up to GEMM_AUTO_MAX_ROWS)
+    monkeypatch.setenv("MEMLM_AMX", "0")                 # CPUs with AMX: gemm_amx.c (test_kernels_gemm_amx)
 
 
 def rounding_bound(x: torch.Tensor, held: gemv.BlockWeight, planes: int = 1) -> torch.Tensor:

@@ -78,6 +78,7 @@ def test_many_rows_multiply_bf16_tiles_of_the_exact_weights(monkeypatch, codec, 
         pytest.skip("no C compiler / MEMLM_NATIVE=0")
     monkeypatch.setattr(gemv, "_bf16_gemm_is_fast", lambda: True)
     monkeypatch.setenv("MEMLM_INT8_ACTIVATIONS", "0")      # else the 8-bit GEMM (test_kernels_gemm_q)
+    monkeypatch.setenv("MEMLM_AMX", "0")                   # else, with AMX, gemm_amx.c
     monkeypatch.setattr(gemv, "TILE_ELEMENTS", 3 * (-(-k // gemv.QK) * gemv.QK))
     torch.manual_seed(n + k + m)
     held = gemv.quantize(torch.randn(n, k), codec)
@@ -98,6 +99,7 @@ def test_warm_up_runs_one_full_and_one_partial_tile_not_the_whole_weight(monkeyp
     seen = []
     monkeypatch.setattr(gemv, "block_matmul", lambda x, w, exact=False: seen.append((x.shape, w.out_features, exact)))
     monkeypatch.setattr(gemv, "int8_gemm", lambda rows=None: False)      # no 8-bit GEMM: bf16 tiles
+    monkeypatch.setenv("MEMLM_AMX", "0")                                 # and no AMX GEMM
     gemv.warm_up(held, 40, exact=True)                          # the LM head: bf16 tiles at 40 rows
     assert sorted(seen) == [((40, 64), 3, True), ((40, 64), 5, True)]
     seen.clear()

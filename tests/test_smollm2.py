@@ -75,15 +75,17 @@ def test_chat_answer_matches_transformers(smol):
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("gemm", ["auto", "1"])
-def test_default_engine_answers_the_quickstart_question(gemm, monkeypatch):
+@pytest.mark.parametrize("gemm, amx", [("auto", "auto"), ("1", "0"), ("auto", "1")])
+def test_default_engine_answers_the_quickstart_question(gemm, amx, monkeypatch):
     """The README's Quickstart through the default engine (the file's own blocks, the native
-    kernels), and with the blocked 8-bit GEMM forced on the prompt's prefill as on a long
-    prompt's chunks: one activation plane there flips this answer (`gemv.int8_gemm`); the
-    default's second plane for outlier blocks keeps it."""
+    kernels: on CPUs with AMX the AMX GEMM from 16 rows), with the blocked 8-bit GEMM forced on
+    the prompt's prefill as on a long prompt's chunks (one activation plane there flips this
+    answer, `gemv.int8_gemm`; the default's second plane for outlier blocks keeps it), and with
+    the AMX GEMM at every row count where the CPU has it."""
     from memlm import LLM, SamplingParams
 
     monkeypatch.setenv("MEMLM_INT8_GEMM", gemm)
+    monkeypatch.setenv("MEMLM_AMX", amx)
     monkeypatch.delenv("MEMLM_GEMM_PLANES", raising=False)
     llm = LLM(DEFAULT_MODEL, memory_budget=budget_above_rss(), max_num_seqs=1, verbose=False)
     out = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=12))

@@ -33,12 +33,13 @@ def _parts(held) -> list:
     return held.parts if isinstance(held, kquant.StackedBlocks) else [held]
 
 
-def _block_matmul(x: torch.Tensor, held, exact: bool = False) -> torch.Tensor:
+def _block_matmul(x: torch.Tensor, held, exact: bool = False, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(M, N) in fp32, or in `out_dtype` where the kernel writes it directly (gemv's AMX GEMM)."""
     if isinstance(held, kquant.StackedBlocks):
-        return torch.cat([_block_matmul(x, p, exact) for p in held.parts], dim=1)
+        return torch.cat([_block_matmul(x, p, exact).float() for p in held.parts], dim=1)
     if held.codec in kquant.CODECS:
         return kquant.matmul(x, held, exact)
-    return gemv.block_matmul(x, held, exact)
+    return gemv.block_matmul(x, held, exact, out_dtype)
 
 
 def _block_dequantize(held) -> torch.Tensor:
@@ -167,7 +168,7 @@ class WeightOnlyMethod(LinearMethod):
         if x2.shape[0] == 0:
             y = x2.new_empty(0, layer.out_features)
         elif held is not None:
-            y = _block_matmul(x2, held)                                          # (M, N) fp32
+            y = _block_matmul(x2, held, out_dtype=layer.out_dtype)             # fp32 or out_dtype
         else:
             y = self.matmul(layer, x2.contiguous())                               # (M, N)
         y = y.to(layer.out_dtype)

@@ -64,7 +64,6 @@ def test_dispatch_follows_memlm_amx(monkeypatch):
     calls = []
     monkeypatch.setattr(gemv, "_amx_ready", lambda: True)
     monkeypatch.setattr(gemv, "_amx_gemm", lambda x, w, out_dtype: calls.append(x.shape[0]) or torch.zeros(x.shape[0], w.out_features))
-    monkeypatch.setattr(gemv, "available", lambda: True)
     held = gemv.quantize(torch.randn(8, 64), "q8_0")
     monkeypatch.setenv("MEMLM_AMX", "auto")
     assert not gemv.amx_gemm(gemv.AMX_MIN_ROWS - 1) and gemv.amx_gemm(gemv.AMX_MIN_ROWS)

@@ -80,8 +80,8 @@ GEMM_AUTO_MAX_ROWS = 128
 # AMX bf16 tiles) replaces the 8-bit GEMM and the bf16 tiles (`amx_gemm`). Measured on SmolLM2's
 # five shapes (Xeon with AMX, 2 threads, fp32 x and y, quiet, 2026-12-03 13:47 UTC) against the
 # 8-bit GEMM with auto planes: 0.65-0.78x at 8 rows (decoding W to bf16 dominates), 0.97-1.16x at
-# 16, 1.02-1.23x at 24, 1.26-1.46x at 32, 1.9-2.3x at 128, 2.1-2.8x at 512; 1.1-1.8x the bf16
-# method's own oneDNN matmul at 16-128 rows. bf16 rounding only: the Quickstart answer holds.
+# 16, 1.02-1.23x at 24, 1.26-1.46x at 32, 1.65-2.3x at 128, 2.0-2.8x at 512; 1.0-1.8x torch's bf16
+# matmul on a bf16 weight at 16-128 rows. bf16 rounding only: the Quickstart answer holds.
 AMX_MIN_ROWS = 16
 GEMM_CHUNK_BYTES = 1 << 21       # gemm_q.c's CHUNK_BYTES: 8-bit activation bytes held at once
 TILE_ELEMENTS = 1 << 22          # weights per dequantized tile: 8 MiB of bf16 workspace at most
@@ -231,7 +231,7 @@ def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False,
     too), gemm_amx.c instead of all of these (`amx_gemm`): it reads a bf16 x as is and writes y
     in `out_dtype` where that is bf16; every other path returns fp32."""
     m = x.shape[0]
-    if (m >= TILE_MIN_ROWS or not exact) and x.device.type == "cpu" and available() and amx_gemm(m):
+    if (m >= TILE_MIN_ROWS or not exact) and x.device.type == "cpu" and amx_gemm(m):
         return _amx_gemm(x, weight, out_dtype)
     x = x.float()
     kp = weight.padded_in
@@ -293,7 +293,7 @@ def _amx_gemm(x: torch.Tensor, weight: BlockWeight, out_dtype: torch.dtype = tor
                              x.shape[0], weight.out_features, weight.padded_in,
                              int(x.dtype == torch.bfloat16) | int(ybf) << 1, status.data_ptr())
     if int(status[0]) != 0:
-        raise MemoryError("the AMX block GEMM could not allocate its workspace (about 2 MiB) or use the "
+        raise MemoryError("the AMX block GEMM could not allocate its workspace (under 3 MiB) or use the "
                           "tiles: free memory or set MEMLM_AMX=0")
     return y
 

@@ -36,7 +36,7 @@ def _parts(held) -> list:
 def _block_matmul(x: torch.Tensor, held, exact: bool = False, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(M, N) in fp32, or in `out_dtype` where the kernel writes it directly (gemv's AMX GEMM)."""
     if isinstance(held, kquant.StackedBlocks):
-        return torch.cat([_block_matmul(x, p, exact).float() for p in held.parts], dim=1)
+        return torch.cat([_block_matmul(x, p, exact) for p in held.parts], dim=1)
     if held.codec in kquant.CODECS:
         return kquant.matmul(x, held, exact)
     return gemv.block_matmul(x, held, exact, out_dtype)

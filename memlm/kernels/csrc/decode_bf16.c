@@ -89,6 +89,7 @@ static void dense_rows(const uint16_t* W, const uint16_t* xb, int M, int K, floa
     for (int b = 0; b < nb; b++) {
         const int n = b * NR, nr = N - n < NR ? N - n : NR;
         float out[MR * NR];
+        prefetch_row(W + (int64_t)n * K, (int64_t)nr * K * 2);
         for (int r0 = 0; r0 < M; r0 += MR) {
             const int mr = M - r0 < MR ? M - r0 : MR;
             if (nr == NR) {

@@ -188,6 +188,7 @@ static void qgemv_rows(int type, const uint8_t* W, const qact* a, float* y, int6
     _Pragma("omp for schedule(static)")
     for (int n = 0; n < N; n++) {
         const uint8_t* w = W + (int64_t)n * row_bytes;
+        prefetch_row(w, row_bytes);
         float out[MR];
         for (int r0 = 0; r0 < a->M; r0 += MR) {
             const int mr = a->M - r0 < MR ? a->M - r0 : MR;

@@ -132,6 +132,7 @@ void gemv_q(int type, const uint8_t* W, const float* x, float* y, int M, int N, 
     _Pragma("omp parallel for schedule(static) if((int64_t)N * K * M >= 65536)")
     for (int n = 0; n < N; n++) {
         float out[MT];
+        prefetch_row(W + (int64_t)n * row_bytes, row_bytes);
         for (int r0 = 0; r0 < M; r0 += MT) {
             const int mr = M - r0 < MT ? M - r0 : MT;
             const uint8_t* w = W + (int64_t)n * row_bytes;

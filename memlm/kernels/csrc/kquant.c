@@ -175,6 +175,7 @@ void kq_matmul_f32(int type, const uint8_t* W, const float* x, float* y, int M, 
     for (int n = 0; n < N; n++) {
         kblock k;
         float w[QK_K];
+        prefetch_row(W + (int64_t)n * nb * bb, (int64_t)nb * bb);
         for (int m0 = 0; m0 < M; m0 += MAX_M) {
             const int mr = M - m0 < MAX_M ? M - m0 : MAX_M;
             float acc[MAX_M][16] = {{0}};
@@ -332,6 +333,7 @@ void kq_matmul_q8(int type, const uint8_t* W, const float* x, float* y, int M, i
 #endif
     #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
+        prefetch_row(W + (int64_t)n * nb * bb, (int64_t)nb * bb);
         for (int m0 = 0; m0 < M; m0 += MAX_M) {
             const int mr = M - m0 < MAX_M ? M - m0 : MAX_M;
 #if defined(KQ_512)

@@ -1,8 +1,10 @@
 """The 8-bit-activation block kernels (csrc/decode_q.c): `qmatmul` through `gemv.block_matmul`
 and the two fused decoder steps (`memlm.kernels.block_layer`) against dequantize-then-matmul
 in fp32, within the bound that rounding x to 8 bits per block of 32 allows, over odd shapes
-(K not a multiple of 32, an odd number of blocks, odd N, 1..8 rows and more); and a block-weight
-model whose decode steps take the fused path giving the per-projection path's tokens."""
+(K not a multiple of 32, an odd number of blocks, odd N, 1..8 rows and more); the whole layer
+step (`layer_step`: both steps around the cache write and the native paged attention) against
+the fp32 layer; and a block-weight model whose decode steps take the fused path (and, in the
+engine, the whole layer step) giving the per-projection path's tokens."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,3 +136,83 @@ def test_a_block_model_takes_the_fused_steps_and_computes_the_dequantized_model(
     with torch.inference_mode():
         c = kept.compute_logits(kept.forward_dense(ids)[0])
     assert len(calls) == len(kept.layers) and (c - b).norm() < 0.03 * b.norm()
+
+
+def _rope(y: torch.Tensor, cos, sin, n_rot: int, hd: int) -> torch.Tensor:
+    m, half = y.shape[0], hd // 2
+    t = y[:, :n_rot * hd].view(m, n_rot, hd)
+    rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+    return torch.cat([(t * cos[:, None] + rotated * sin[:, None]).reshape(m, -1), y[:, n_rot * hd:]], dim=1)
+
+
+@pytest.mark.parametrize("codec", gemv.CODECS)
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("cache_dtype, hd, bs", [(torch.float16, 64, 16), (torch.float32, 32, 8),
+                                                 (torch.float16, 32, 4)])
+def test_the_whole_layer_step_writes_the_cache_attends_and_matches_fp32(codec, m, cache_dtype, hd, bs):
+    from memlm.kernels import attention
+    if not attention.available():
+        pytest.skip("no native attention kernel")
+    nh, nkv, h = 4, 2, 128
+    p = _layer(codec, h=h, nh=nh, nkv=nkv, hd=hd, inter=96, seed=m)
+    g = torch.Generator().manual_seed(m)
+    bias = torch.randn(p["qkv"].out_features, generator=g) * 0.1
+    lens = torch.randint(1, 5 * bs, (m,), generator=g)
+    max_nb = int((lens.max() + bs - 1) // bs)
+    tables = torch.randperm(m * max_nb, generator=g).view(m, max_nb)       # scattered, disjoint blocks
+    kc = (torch.randn(m * max_nb * bs, nkv, hd, generator=g)).to(cache_dtype)
+    vc = (torch.randn(m * max_nb * bs, nkv, hd, generator=g)).to(cache_dtype)
+    slots = torch.stack([tables[b, (lens[b] - 1) // bs] * bs + (lens[b] - 1) % bs for b in range(m)])
+    x = torch.randn(m, h)
+    cos, sin = random_rope(m, hd)
+    # the fp32 reference: q|k|v, the new rows in the cache, attention, then o_proj and the MLP
+    hn = F.rms_norm(x, (h,), p["an"], 1e-5)
+    y = _rope(hn @ gemv.dequantize(p["qkv"]).t() + bias, cos, sin, nh + nkv, hd)
+    q, k, v = y.split([nh * hd, nkv * hd, nkv * hd], dim=1)
+    kr, vr = kc.float().clone(), vc.float().clone()
+    kr[slots], vr[slots] = k.view(m, nkv, hd), v.view(m, nkv, hd)
+    attn = attention.decode_attention_reference(q.reshape(m, nh, hd), kr, vr, tables, lens, bs)
+    ref = block_layer.attn_out_mlp_reference(x, attn.reshape(m, -1), p["mn"], 1e-5, p["o"], p["gu"], p["down"])
+
+    args = block_layer.layer_args(p["an"], 1e-5, p["qkv"], bias, p["mn"], 1e-5, p["o"], p["gu"], p["down"],
+                                  nh, nkv, hd, True)
+    direct = (kc.data_ptr(), vc.data_ptr(), int(cache_dtype == torch.float16), slots.data_ptr(),
+              tables.data_ptr(), lens.data_ptr(), max_nb, bs, attention.kernel_address(cache_dtype, hd, bs))
+    before_k, x0 = kc.clone(), x.clone()
+    out = block_layer.layer_step(args, x, cos, sin, direct)
+    assert out.data_ptr() == x.data_ptr()
+    # the new k / v rows went to their slots (8-bit activations, then the cache's rounding) ...
+    bound = rounding_bound(hn, p["qkv"])[:, nh * hd:]
+    t = bound[:, :nkv * hd].reshape(m, nkv, 2, hd // 2)              # RoPE mixes the two halves' bounds
+    kb = t.sum(2, keepdim=True).expand_as(t).reshape(m, nkv, hd)
+    tol_k = kb + k.view(m, nkv, hd).abs() * 2 ** -10 + 1e-6
+    assert bool(((kc[slots].float() - k.view(m, nkv, hd)).abs() <= tol_k * 1.01).all())
+    tol_v = bound[:, nkv * hd:].reshape(m, nkv, hd) + v.view(m, nkv, hd).abs() * 2 ** -10 + 1e-6
+    assert bool(((vc[slots].float() - v.view(m, nkv, hd)).abs() <= tol_v * 1.01).all())
+    others = torch.ones(kc.shape[0], dtype=torch.bool)
+    others[slots] = False
+    assert torch.equal(kc[others], before_k[others])                   # ... and nowhere else
+    # ... and the layer's output is the fp32 layer's up to 8-bit activations in four matmuls
+    assert float((out - ref).abs().max()) <= 0.05 * float((ref - x0).abs().max())
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp16", "fp32"])
+def test_the_engine_decodes_through_the_whole_layer_step(q4_1_file, kv_dtype, monkeypatch):
+    """Decode steps of a block model in the engine take `layer_step` (one call per layer) on a
+    float cache and give the 3-call path's tokens: the same model and cache, other roundings."""
+    from memlm import LLM, SamplingParams
+    from memlm.kv import paged_view
+    llm = LLM(str(q4_1_file), kv_dtype=kv_dtype, max_num_seqs=4, verbose=False)
+    calls = []
+    real = block_layer.layer_step
+    monkeypatch.setattr(block_layer, "layer_step", lambda *a: calls.append(1) or real(*a))
+    prompts = [{"prompt_token_ids": [5 + i, 6, 7 + 2 * i, 9]} for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert len(calls) >= 5 * len(llm.model.layers)               # every decode step, every layer
+    monkeypatch.setattr(paged_view.PagedView, "direct_decode", lambda self, depth: None)
+    n = len(calls)
+    apart = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert len(calls) == n
+    same = sum(a == b for f, p in zip(fused, apart) for a, b in zip(f, p))
+    assert same >= 0.8 * sum(map(len, fused)), (fused, apart)     # near-ties of a random model may flip

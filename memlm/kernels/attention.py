@@ -28,6 +28,16 @@ def available() -> bool:
     return _LIBRARY.lib is not None
 
 
+def kernel_address(cache_dtype: torch.dtype, head_dim: int, block_size: int) -> int | None:
+    """The address of the native kernel `decode_attention` calls for this cache (for a native
+    caller: `block_layer.layer_step`), or None where it is not built."""
+    if not available():
+        return None
+    fn = getattr(_LIBRARY.lib, f"paged_decode_attention_{_KINDS[cache_dtype]}"
+                               f"{'_hd64' if (head_dim, block_size) == (64, 16) else ''}")
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, lens: torch.Tensor, block_size: int,
                      k_scales: torch.Tensor | None = None, v_scales: torch.Tensor | None = None,

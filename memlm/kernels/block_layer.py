@@ -8,10 +8,17 @@ that a step of M rows may take this path: the native library is built, 8-bit act
 chosen (`gemv.int8_activations`: AVX-512 VNNI, or `MEMLM_INT8_ACTIVATIONS=1`) and M is at most
 MAX_ROWS. Activations are quantized to 8 bits per block of 32 inside (see decode_q.c); scratch
 is a few rows of the layer's widths (under 0.2 MiB at MAX_ROWS rows for SmolLM2), allocated per call.
-Does not know: layers, attention or the KV cache (`memlm.models.blocks` calls these around
-`kv.attend`), or how the blocks were loaded (`memlm.kernels.gemv.BlockWeight`).
+`layer_step` runs a whole layer for decode tokens in one call (`block_layer_step`: both steps
+around the new k / v rows written into a float paged cache and the native paged attention,
+called by address) where the cache offers it (`kv.paged_view.PagedView.direct_decode`); its
+constants are packed once per layer (`LayerArgs`).
+Does not know: layers or which cache layouts exist (`memlm.models.blocks` calls these around
+`kv.attend`, or hands `layer_step` what `direct_decode` returned), or how the blocks were loaded
+(`memlm.kernels.gemv.BlockWeight`).
 """
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +68,39 @@ def attn_out_mlp_(x: torch.Tensor, attn: torch.Tensor, norm_w: torch.Tensor, eps
         x.data_ptr(), attn.data_ptr(), norm_w.data_ptr(), eps, _type(o), o.blocks.data_ptr(),
         _type(gate_up), gate_up.blocks.data_ptr(), _type(down), down.blocks.data_ptr(),
         m, h, o.in_features, down.in_features)
+    return x
+
+
+class LayerArgs(ctypes.Structure):
+    """decode_q.c's layer_args: one decoder layer's constants. Holds the tensors it points into."""
+    _fields_ = [(n, ctypes.c_void_p) for n in ("attn_norm", "qkv_bias", "mlp_norm", "Wqkv", "Wo", "Wgu", "Wd")] \
+        + [(n, ctypes.c_float) for n in ("attn_eps", "mlp_eps", "scale")] \
+        + [(n, ctypes.c_int) for n in ("type_qkv", "type_o", "type_gu", "type_d", "H", "n_heads", "n_kv",
+                                       "hd", "I", "rope")]
+
+
+def layer_args(attn_norm: torch.Tensor, attn_eps: float, qkv: gemv.BlockWeight, bias: torch.Tensor | None,
+               mlp_norm: torch.Tensor, mlp_eps: float, o: gemv.BlockWeight, gate_up: gemv.BlockWeight,
+               down: gemv.BlockWeight, n_heads: int, n_kv: int, head_dim: int, rope: bool) -> LayerArgs:
+    """Norm weights fp32 contiguous, bias fp32 contiguous or None."""
+    args = LayerArgs(attn_norm.data_ptr(), None if bias is None else bias.data_ptr(), mlp_norm.data_ptr(),
+                     qkv.blocks.data_ptr(), o.blocks.data_ptr(), gate_up.blocks.data_ptr(),
+                     down.blocks.data_ptr(), attn_eps, mlp_eps, head_dim ** -0.5, _type(qkv), _type(o),
+                     _type(gate_up), _type(down), attn_norm.shape[0], n_heads, n_kv, head_dim,
+                     down.in_features, int(rope))
+    args.held = (attn_norm, bias, mlp_norm, qkv, o, gate_up, down)
+    return args
+
+
+def layer_step(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+               direct: tuple) -> torch.Tensor:
+    """x (M, H) fp32 contiguous, one decode token per sequence, updated in place and returned;
+    cos / sin (M, head_dim) fp32 contiguous (None: no RoPE); `direct` as `PagedView.direct_decode`
+    gives it: (k cache, v cache, fp16?, slots, block tables, lens, max blocks, block size, kernel address)."""
+    kc, vc, f16, slots, tables, lens, max_nb, bs, fn = direct
+    gemv.DECODE_LIBRARY.lib.block_layer_step(
+        ctypes.byref(args), x.data_ptr(), None if cos is None else cos.data_ptr(),
+        None if sin is None else sin.data_ptr(), x.shape[0], kc, vc, f16, slots, tables, lens, max_nb, bs, fn)
     return x
 
 

@@ -54,6 +54,7 @@ DECODE_LIBRARY = native.Library("decode_q", "decode_q.c", {
     "qmatmul": [_I, _P, _P, _P, _I, _I, _I],
     "block_attn_in": [_P, _P, ctypes.c_float, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
     "block_attn_out_mlp": [_P, _P, _P, ctypes.c_float, _I, _P, _I, _P, _I, _P, _I, _I, _I, _I],
+    "block_layer_step": [_P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _P, _I, _I, _P],
 })
 # the blocked 8-bit-activation GEMM (prefill chunks and large batches)
 GEMM_LIBRARY = native.Library("gemm_q", "gemm_q.c", {"qgemm": [_I, _P, _P, _P, _I, _I, _I, _I, ctypes.c_float, _P]})

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from memlm.kernels import attention as paged_attention
 from memlm.kv.store import KVStore
 from memlm.models.kv import causal_attention
 
@@ -74,6 +75,40 @@ class PagedView:
     def __init__(self, store: KVStore, batch: PagedBatch, recurrent_states: dict | None = None):
         self.store, self.batch = store, batch
         self.states = recurrent_states if recurrent_states is not None else {}
+        self._direct: tuple | None | bool = False      # False: not planned yet
+
+    def direct_decode(self, depth: int) -> tuple | None:
+        """For a native layer step (`kernels.block_layer.layer_step`), which writes this step's
+        k / v rows itself and attends through the native kernel: (k cache, v cache (addresses),
+        fp16?, slots, block tables, lens (addresses), max blocks, block size, kernel address) of
+        layer `depth`, when every row is a decode token of one group on an fp32 / fp16 cache the
+        kernel reads in place and nothing else watches the step (no window, sink rows or
+        attention mass); None otherwise (then `attend`)."""
+        if self._direct is False:
+            self._direct = self._plan_direct()
+        if self._direct is None:
+            return None
+        kc, vc, _, _ = self.store.layer(depth)
+        return (kc.data_ptr(), vc.data_ptr(), *self._direct)
+
+    def _plan_direct(self) -> tuple | None:
+        b, store = self.batch, self.store
+        if b.prefills or len(b.decodes) != 1 or b.sink_rows or store.window is not None:
+            return None
+        g = b.decodes[0]
+        kc = store.layer(next(iter(store.layer_of_depth)))[0] if store.layer_of_depth else None
+        if (g.mass is not None or not store.native_decode or kc is None or kc.device.type != "cpu"
+                or kc.dtype not in (torch.float16, torch.float32) or g.start != 0
+                or g.end != b.slot_mapping.shape[0]):
+            return None
+        fn = paged_attention.kernel_address(kc.dtype, store.head_dim, store.block_size)
+        tables, lens = g.block_tables.contiguous(), g.lens.contiguous()
+        slots = b.slot_mapping.to(torch.int64).contiguous()
+        if fn is None or tables.dtype != torch.int64 or lens.dtype != torch.int64:
+            return None
+        self._held = (tables, lens, slots)
+        return (int(kc.dtype == torch.float16), slots.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+                tables.shape[1], store.block_size, fn)
 
     def attend(self, depth, q, k, v):
         """q (N, nh, hd); k, v (N, nkv, hd) -> (N, nh, hd) in v's dtype.

@@ -217,6 +217,7 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(cfg, method, init)
         self.fused = False                       # forward takes `_forward_fused`
         self.block_step = False                  # ... and `_forward_blocks` for small batches
+        self._layer_args = None                  # ... in one native call (`block_layer.LayerArgs`)
         self._step_kind = "blocks"               # ... through these `_STEP_KERNELS` (or "dense")
         if cfg.depth_gates:
             self.attn_gate = nn.Parameter(torch.ones(len(depths)))   # (slots,)
@@ -257,7 +258,7 @@ class DecoderLayer(nn.Module):
         attn, mlp = self.attn, self.mlp
         projs = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         held = [getattr(p, "block_weight", None) for p in projs]
-        self._step_kind = "blocks"
+        self._step_kind, self._layer_args = "blocks", None
         if getattr(method, "native_decode", False) and all(
                 p.weight is not None and p.weight.dtype == torch.bfloat16 for p in projs):
             held, self._step_kind = [p.weight.detach() for p in projs], "dense"
@@ -270,6 +271,9 @@ class DecoderLayer(nn.Module):
             self._block_args = (attn.n_heads, attn.n_kv, attn.hd, attn.use_rope, *norms[0], held[0],
                                 None if bias is None else bias.detach().float().contiguous(), *norms[1],
                                 *held[1:])
+            if self._step_kind == "blocks":     # the whole layer in one native call where the cache lets it
+                a = self._block_args
+                self._layer_args = block_layer.layer_args(*a[4:], attn.n_heads, attn.n_kv, attn.hd, attn.use_rope)
 
     def forward(self, x, depth: int, kv, rope):
         if self.block_step and x.device.type == "cpu" and _STEP_KERNELS[self._step_kind].usable(x.shape[0]):
@@ -324,6 +328,9 @@ class DecoderLayer(nn.Module):
         cos = sin = None
         if use_rope:
             cos, sin = (t.reshape(N, hd).contiguous() for t in rope)
+        direct = self._layer_args is not None and getattr(kv, "direct_decode", None)
+        if direct and (target := direct(depth)) is not None:
+            return block_layer.layer_step(self._layer_args, x, cos, sin, target)
         qkv = kernels.attn_in(x, an_w, an_eps, qkv_w, qkv_b, cos, sin, nh + nkv, hd)
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         out = kv.attend(depth, q.view(N, nh, hd), k.view(N, nkv, hd), v.view(N, nkv, hd))

@@ -14,6 +14,9 @@
      qmatmul            y (M, N) fp32 = x (M, K) fp32 . W^T
      block_attn_in      rms_norm(x) -> qkv projection (+ bias) -> RoPE of the q and k heads -> bf16
      block_attn_out_mlp x += o_proj(a); h = rms_norm(x); x += down(silu(gate(h)) * up(h))
+     block_layer_step   the two above around the new rows' k / v written into a paged float
+                        cache and paged_attention.c's decode kernel (called by address): a
+                        whole decoder layer per call, no Python between its parts
 
    The fused steps run in one OpenMP region each (threads split every projection's output rows,
    with barriers between phases); their scratch (a few rows of the layer's widths) is allocated
@@ -222,17 +225,15 @@ static void rms_norm_row(const float* x, const float* w, float eps, int H, float
     for (int d = 0; d < H; d++) out[d] = x[d] * r * w[d];
 }
 
-/* x (M, H) fp32 -> qkv (M, Nq) bf16 = rope(rms_norm(x) . Wqkv^T + bias); the first n_rot heads
-   of width hd are rotated ("rotate half") by cos / sin (M, hd). bias may be NULL. */
-void block_attn_in(const float* x, const float* norm_w, float eps, int type, const uint8_t* W,
-                   const float* bias, const float* cos_, const float* sin_, uint16_t* qkv,
-                   int M, int H, int Nq, int n_rot, int hd) {
-    if (block_bytes(type) == 0 || M <= 0 || H % QK) return;
+/* x (M, H) fp32 -> y (M, Nq) fp32 = rope(rms_norm(x) . Wqkv^T + bias); the first n_rot heads
+   of width hd are rotated ("rotate half") by cos / sin (M, hd). bias may be NULL. 0: no memory. */
+static int attn_in_f32(const float* x, const float* norm_w, float eps, int type, const uint8_t* W,
+                       const float* bias, const float* cos_, const float* sin_, float* y,
+                       int M, int H, int Nq, int n_rot, int hd) {
     qact a;
-    float* buf = (float*)malloc(sizeof(float) * (size_t)M * ((size_t)H + (size_t)Nq));
-    if (buf == NULL) return;
-    if (!qact_alloc(&a, M, H)) { free(buf); return; }
-    float *h = buf, *y = buf + (size_t)M * H;
+    float* h = (float*)malloc(sizeof(float) * (size_t)M * (size_t)H);
+    if (h == NULL) return 0;
+    if (!qact_alloc(&a, M, H)) { free(h); return 0; }
     for (int r = 0; r < M; r++) {
         rms_norm_row(x + (int64_t)r * H, norm_w, eps, H, h + (int64_t)r * H);
         quantize_row(&a, r, h + (int64_t)r * H);
@@ -254,19 +255,30 @@ void block_attn_in(const float* x, const float* norm_w, float eps, int type, con
                     t[d + half] = v * c[d + half] + u * s[d + half];
                 }
             }
-            uint16_t* o = qkv + (int64_t)r * Nq;
-            for (int n = 0; n < Nq; n++) o[n] = f2bf(yr[n]);
         }
     }
     qact_free(&a);
-    free(buf);
+    free(h);
+    return 1;
+}
+
+/* attn_in_f32, stored as bf16 into qkv (M, Nq) */
+void block_attn_in(const float* x, const float* norm_w, float eps, int type, const uint8_t* W,
+                   const float* bias, const float* cos_, const float* sin_, uint16_t* qkv,
+                   int M, int H, int Nq, int n_rot, int hd) {
+    if (block_bytes(type) == 0 || M <= 0 || H % QK) return;
+    float* y = (float*)malloc(sizeof(float) * (size_t)M * (size_t)Nq);
+    if (y == NULL) return;
+    if (attn_in_f32(x, norm_w, eps, type, W, bias, cos_, sin_, y, M, H, Nq, n_rot, hd))
+        for (int64_t e = 0; e < (int64_t)M * Nq; e++) qkv[e] = f2bf(y[e]);
+    free(y);
 }
 
 /* x (M, H) fp32, updated in place: x += attn (M, Ko) bf16 . Wo^T; h = rms_norm(x);
    x += Wd . (silu(g) * u) with [g | u] = h . Wgu^T (2I outputs). */
-void block_attn_out_mlp(float* x, const uint16_t* attn, const float* norm_w, float eps,
-                        int type_o, const uint8_t* Wo, int type_gu, const uint8_t* Wgu,
-                        int type_d, const uint8_t* Wd, int M, int H, int Ko, int I) {
+static void attn_out_mlp(float* x, const uint16_t* attn, const float* attn_f32, const float* norm_w,
+                         float eps, int type_o, const uint8_t* Wo, int type_gu, const uint8_t* Wgu,
+                         int type_d, const uint8_t* Wd, int M, int H, int Ko, int I) {
     if (!block_bytes(type_o) || !block_bytes(type_gu) || !block_bytes(type_d) || M <= 0
         || H % QK || Ko % QK || I % QK) return;
     const int Kmax = Ko > I ? (Ko > H ? Ko : H) : (I > H ? I : H);
@@ -282,6 +294,7 @@ void block_attn_out_mlp(float* x, const uint16_t* attn, const float* norm_w, flo
         {
             a.K = Ko; a.G = Ko / QK; a.P = (a.G + 1) / 2;
             for (int r = 0; r < M; r++) {
+                if (attn_f32 != NULL) { quantize_row(&a, r, attn_f32 + (int64_t)r * Ko); continue; }
                 for (int k = 0; k < Ko; k++) t[(int64_t)r * Ko + k] = bf2f(attn[(int64_t)r * Ko + k]);
                 quantize_row(&a, r, t + (int64_t)r * Ko);
             }
@@ -310,5 +323,54 @@ void block_attn_out_mlp(float* x, const uint16_t* attn, const float* norm_w, flo
         qgemv_rows(type_d, Wd, &a, x, H, H, 1);                        /* x += down(...) */
     }
     qact_free(&a);
+    free(buf);
+}
+
+void block_attn_out_mlp(float* x, const uint16_t* attn, const float* norm_w, float eps,
+                        int type_o, const uint8_t* Wo, int type_gu, const uint8_t* Wgu,
+                        int type_d, const uint8_t* Wd, int M, int H, int Ko, int I) {
+    attn_out_mlp(x, attn, NULL, norm_w, eps, type_o, Wo, type_gu, Wgu, type_d, Wd, M, H, Ko, I);
+}
+
+/* One decoder layer's constants (block_layer.py's LayerArgs mirrors it). */
+typedef struct {
+    const float *attn_norm, *qkv_bias, *mlp_norm;
+    const uint8_t *Wqkv, *Wo, *Wgu, *Wd;
+    float attn_eps, mlp_eps, scale;
+    int type_qkv, type_o, type_gu, type_d, H, n_heads, n_kv, hd, I, rope;
+} layer_args;
+
+/* paged_attention.c's paged_decode_attention_* (q, kc, vc, ks, vs, tables, lens, out, mass, B,
+   nh, nkv, hd, block size, max_nb, scale), passed by address */
+typedef void (*attend_fn)(const float*, const void*, const void*, const float*, const float*,
+                          const int64_t*, const int64_t*, float*, float*, int, int, int, int, int, int, float);
+
+/* A whole decoder layer for M decode tokens, one per sequence: attn_in_f32; each row's k and v
+   into its cache slot (fp16 or fp32 rows of n_kv * hd); attention through `attend` over the
+   block tables; attn_out_mlp on the fp32 attention output. x (M, H) fp32 is updated in place. */
+void block_layer_step(const layer_args* L, float* x, const float* cos_, const float* sin_, int M,
+                      void* kc, void* vc, int kv_f16, const int64_t* slots, const int64_t* tables,
+                      const int64_t* lens, int max_nb, int bs, attend_fn attend) {
+    const int nq = L->n_heads * L->hd, kvw = L->n_kv * L->hd, Nq = nq + 2 * kvw;
+    if (block_bytes(L->type_qkv) == 0 || M <= 0 || L->H % QK) return;
+    float* buf = (float*)malloc(sizeof(float) * (size_t)M * ((size_t)Nq + 2 * (size_t)nq));
+    if (buf == NULL) return;
+    float *y = buf, *q = y + (size_t)M * Nq, *o = q + (size_t)M * nq;
+    if (!attn_in_f32(x, L->attn_norm, L->attn_eps, L->type_qkv, L->Wqkv, L->qkv_bias, cos_, sin_, y,
+                     M, L->H, Nq, L->rope ? L->n_heads + L->n_kv : 0, L->hd)) { free(buf); return; }
+    for (int r = 0; r < M; r++) {
+        const float* yr = y + (int64_t)r * Nq;
+        memcpy(q + (int64_t)r * nq, yr, sizeof(float) * (size_t)nq);
+        if (kv_f16) {
+            _Float16 *kr = (_Float16*)kc + slots[r] * kvw, *vr = (_Float16*)vc + slots[r] * kvw;
+            for (int e = 0; e < kvw; e++) { kr[e] = (_Float16)yr[nq + e]; vr[e] = (_Float16)yr[nq + kvw + e]; }
+        } else {
+            memcpy((float*)kc + slots[r] * kvw, yr + nq, sizeof(float) * (size_t)kvw);
+            memcpy((float*)vc + slots[r] * kvw, yr + nq + kvw, sizeof(float) * (size_t)kvw);
+        }
+    }
+    attend(q, kc, vc, NULL, NULL, tables, lens, o, NULL, M, L->n_heads, L->n_kv, L->hd, bs, max_nb, L->scale);
+    attn_out_mlp(x, NULL, o, L->mlp_norm, L->mlp_eps, L->type_o, L->Wo, L->type_gu, L->Wgu, L->type_d, L->Wd,
+                 M, L->H, nq, L->I);
     free(buf);
 }

@@ -88,8 +88,7 @@ class PagedView:
             self._direct = self._plan_direct()
         if self._direct is None:
             return None
-        kc, vc, _, _ = self.store.layer(depth)
-        return (kc.data_ptr(), vc.data_ptr(), *self._direct)
+        return self.store.layer_addresses()[depth] + self._direct
 
     def _plan_direct(self) -> tuple | None:
         b, store = self.batch, self.store

@@ -54,6 +54,7 @@ class KVStore:
             self.window = KVWindow(n_layers, num_blocks, max(1, stages), block_size, n_kv_heads,
                                    head_dim, device)
         self._plan_slots, self._plan = None, None
+        self._addresses: dict[int, tuple[int, int]] | None = None
         # Decode attention reads the cache in place with a native kernel where it can.
         kernel = attention_kivi if self.codec.block_granular else paged_attention
         self.native_decode = (torch.device(device).type == "cpu" and self.dtype != "bf16"
@@ -141,6 +142,13 @@ class KVStore:
         if scales is None:
             return c.kv[li, 0], c.kv[li, 1], None, None
         return c.kv[li, 0], c.kv[li, 1], scales[li, 0], scales[li, 1]
+
+    def layer_addresses(self) -> dict[int, tuple[int, int]]:
+        """depth -> the addresses of `layer(depth)`'s k and v caches (a token codec's), worked out
+        once: a native caller reads them per layer and step without indexing tensors."""
+        if self._addresses is None:
+            self._addresses = {d: tuple(t.data_ptr() for t in self.layer(d)[:2]) for d in self.layer_of_depth}
+        return self._addresses
 
     def write(self, depth: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens' k, v (N, nkv, hd) at `slots` (N,); the same `slots` tensor for every

@@ -30,7 +30,7 @@ def available() -> bool:
 
 def kernel_address(cache_dtype: torch.dtype, head_dim: int, block_size: int) -> int | None:
     """The address of the native kernel `decode_attention` calls for this cache (for a native
-    caller: `block_layer.layer_step`), or None where it is not built."""
+    caller: `block_layer.decode_layers`), or None where it is not built."""
     if not available():
         return None
     fn = getattr(_LIBRARY.lib, f"paged_decode_attention_{_KINDS[cache_dtype]}"

@@ -8,13 +8,13 @@ that a step of M rows may take this path: the native library is built, 8-bit act
 chosen (`gemv.int8_activations`: AVX-512 VNNI, or `MEMLM_INT8_ACTIVATIONS=1`) and M is at most
 MAX_ROWS. Activations are quantized to 8 bits per block of 32 inside (see decode_q.c); scratch
 is a few rows of the layer's widths (under 0.2 MiB at MAX_ROWS rows for SmolLM2), allocated per call.
-`layer_step` runs a whole layer for decode tokens in one call (`block_layer_step`: both steps
-around the new k / v rows written into a float paged cache and the native paged attention,
-called by address) where the cache offers it (`kv.paged_view.PagedView.direct_decode`); its
-constants are packed once per layer (`LayerArgs`).
-Does not know: layers or which cache layouts exist (`memlm.models.blocks` calls these around
-`kv.attend`, or hands `layer_step` what `direct_decode` returned), or how the blocks were loaded
-(`memlm.kernels.gemv.BlockWeight`).
+`decode_layers` runs every layer of a decode step as one native call each (`block_layer_step`:
+both steps around the new k / v rows written into a float paged cache and the native paged
+attention, called by address) where the cache offers it (`kv.paged_view.PagedView.direct_decode`);
+each layer's constants are packed once (`LayerArgs`).
+Does not know: layers or which cache layouts exist (`memlm.models.blocks` calls the two steps
+around `kv.attend`; `memlm.models.transformer` hands `decode_layers` the cache's `direct_decode`),
+or how the blocks were loaded (`memlm.kernels.gemv.BlockWeight`).
 """
 from __future__ import annotations
 
@@ -92,15 +92,22 @@ def layer_args(attn_norm: torch.Tensor, attn_eps: float, qkv: gemv.BlockWeight, 
     return args
 
 
-def layer_step(args: LayerArgs, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-               direct: tuple) -> torch.Tensor:
-    """x (M, H) fp32 contiguous, one decode token per sequence, updated in place and returned;
-    cos / sin (M, head_dim) fp32 contiguous (None: no RoPE); `direct` as `PagedView.direct_decode`
-    gives it: (k cache, v cache, fp16?, slots, block tables, lens, max blocks, block size, kernel address)."""
-    kc, vc, f16, slots, tables, lens, max_nb, bs, fn = direct
-    gemv.DECODE_LIBRARY.lib.block_layer_step(
-        ctypes.byref(args), x.data_ptr(), None if cos is None else cos.data_ptr(),
-        None if sin is None else sin.data_ptr(), x.shape[0], kc, vc, f16, slots, tables, lens, max_nb, bs, fn)
+def decode_layers(args: list[LayerArgs], x: torch.Tensor, rope: tuple | None, direct) -> torch.Tensor | None:
+    """Every layer of a decode step through `block_layer_step`, the loop kept to one native call a
+    layer: x (M, H) the embedded tokens (not modified), args the layers' `LayerArgs` in depth
+    order, `direct` the cache's `direct_decode`. None (nothing run) when the cache does not offer
+    the step; else the residual stream after the last layer."""
+    if direct(0) is None:
+        return None
+    m = x.shape[0]
+    x = x.float().clone(memory_format=torch.contiguous_format)
+    cos = sin = None
+    if rope is not None:
+        cos, sin = (t.reshape(m, -1).contiguous() for t in rope)
+    xp, cp, sp = x.data_ptr(), None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr()
+    step = gemv.DECODE_LIBRARY.lib.block_layer_step
+    for depth, a in enumerate(args):
+        step(ctypes.byref(a), xp, cp, sp, m, *direct(depth))
     return x
 
 

@@ -78,8 +78,8 @@ class PagedView:
         self._direct: tuple | None | bool = False      # False: not planned yet
 
     def direct_decode(self, depth: int) -> tuple | None:
-        """For a native layer step (`kernels.block_layer.layer_step`), which writes this step's
-        k / v rows itself and attends through the native kernel: (k cache, v cache (addresses),
+        """For native layer steps (`kernels.block_layer.decode_layers`), which write this step's
+        k / v rows themselves and attend through the native kernel: (k cache, v cache (addresses),
         fp16?, slots, block tables, lens (addresses), max blocks, block size, kernel address) of
         layer `depth`, when every row is a decode token of one group on an fp32 / fp16 cache the
         kernel reads in place and nothing else watches the step (no window, sink rows or

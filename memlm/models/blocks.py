@@ -271,7 +271,7 @@ class DecoderLayer(nn.Module):
             self._block_args = (attn.n_heads, attn.n_kv, attn.hd, attn.use_rope, *norms[0], held[0],
                                 None if bias is None else bias.detach().float().contiguous(), *norms[1],
                                 *held[1:])
-            if self._step_kind == "blocks":     # the whole layer in one native call where the cache lets it
+            if self._step_kind == "blocks":     # the whole layer in one native call (`Transformer.forward`)
                 a = self._block_args
                 self._layer_args = block_layer.layer_args(*a[4:], attn.n_heads, attn.n_kv, attn.hd, attn.use_rope)
 
@@ -328,9 +328,6 @@ class DecoderLayer(nn.Module):
         cos = sin = None
         if use_rope:
             cos, sin = (t.reshape(N, hd).contiguous() for t in rope)
-        direct = self._layer_args is not None and getattr(kv, "direct_decode", None)
-        if direct and (target := direct(depth)) is not None:
-            return block_layer.layer_step(self._layer_args, x, cos, sin, target)
         qkv = kernels.attn_in(x, an_w, an_eps, qkv_w, qkv_b, cos, sin, nh + nkv, hd)
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         out = kv.attend(depth, q.view(N, nh, hd), k.view(N, nkv, hd), v.view(N, nkv, hd))

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from memlm.config import ModelConfig
+from memlm.kernels import block_layer
 from memlm.models.blocks import DecoderLayer, Rotary, make_norm
 from memlm.models.kv import DenseView
 from memlm.models.linear import Embedding, Linear, LinearMethod, default_method
@@ -70,6 +71,13 @@ class Transformer(nn.Module):
                                  f"{self.cfg.max_position_embeddings} learned positions")
             x = x + self.pos_embed(positions)
         rope = self.rotary.cos_sin(positions) if self.rotary is not None else None
+        if hidden_states is None and x.device.type == "cpu" and block_layer.usable(x.shape[0]):
+            args = [self.layers[i]._layer_args for i in self.cfg.layer_order]
+            direct = getattr(kv, "direct_decode", None)
+            if direct is not None and all(a is not None for a in args):   # a native call per layer
+                out = block_layer.decode_layers(args, x, rope, direct)
+                if out is not None:
+                    return self.final_norm(out)
         for depth, idx in enumerate(self.cfg.layer_order):
             x = self.layers[idx](x, depth, kv, rope)
             if hidden_states is not None:

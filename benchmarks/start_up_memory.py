@@ -7,6 +7,8 @@ SmolLM2 (the same steps as `memlm generate --chat`, taken one at a time so each 
     MEMLM_TRIM_TEXT=0 python benchmarks/start_up_memory.py        # without dropping code pages
     python benchmarks/start_up_memory.py --memory-budget 1GiB --batch-tokens 512 --kv-blocks 32
                                                   # single_stream.py's memlm settings
+    python benchmarks/start_up_memory.py --model ~/.cache/memlm/bench/SmolLM2-135M-Instruct.Q4_1.Q8_0.gguf \
+        --memory-budget 1GiB --batch-tokens 512 --kv-blocks 32    # its Q8_0 copy
 
 Checkpoints: the interpreter alone, after `import torch`, after importing memlm, after the
 budget's baseline (`MemoryBudget.create`, which hands clean library code back to the page
@@ -58,7 +60,7 @@ def child(args) -> None:
     configure_process(args.threads)
     budget = mem.MemoryBudget.create(args.memory_budget, verbose=False)
     mark("budget baseline")
-    name = "smollm2-135m-instruct"
+    name = args.model
     weight_dtype = args.weight_dtype
     if weight_dtype == "auto":
         from memlm.loading import native_weight_dtype
@@ -99,6 +101,7 @@ def child(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a preset or a model path")
     ap.add_argument("--weight-dtype", default="auto")
     ap.add_argument("--memory-budget", default="384MiB")
     ap.add_argument("--threads", type=int, default=2)
@@ -110,7 +113,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    cmd = [sys.executable, __file__, "--child", "--weight-dtype", args.weight_dtype, "--memory-budget",
+    cmd = [sys.executable, __file__, "--child", "--model", args.model, "--weight-dtype", args.weight_dtype, "--memory-budget",
            args.memory_budget, "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
     cmd += [a for k, v in (("--batch-tokens", args.batch_tokens), ("--kv-blocks", args.kv_blocks)) if v is not None
             for a in (k, str(v))]

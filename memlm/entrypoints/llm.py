@@ -129,6 +129,9 @@ class LLM:
                 "bf16" if fast_bf16 else "fp32"
         self.weight_dtype = weight_dtype
         self.weight_options = {"group_size": weight_group_size} if weight_group_size is not None else {}
+        if weight_dtype == "bf16" and engine == "paged" and engine_kwargs.get("max_num_seqs") is not None:
+            from memlm.kernels import dense_layer      # decode steps never batch past the native kernels
+            self.weight_options["small_batches"] = engine_kwargs["max_num_seqs"] <= dense_layer.MAX_ROWS
         self.loaded = self._load(model)
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer

@@ -81,21 +81,24 @@ class LayerArgs(ctypes.Structure):
 
 def layer_args(attn_norm: torch.Tensor, attn_eps: float, qkv: gemv.BlockWeight, bias: torch.Tensor | None,
                mlp_norm: torch.Tensor, mlp_eps: float, o: gemv.BlockWeight, gate_up: gemv.BlockWeight,
-               down: gemv.BlockWeight, n_heads: int, n_kv: int, head_dim: int, rope: bool) -> LayerArgs:
-    """Norm weights fp32 contiguous, bias fp32 contiguous or None."""
+               down: gemv.BlockWeight, n_heads: int, n_kv: int, head_dim: int, rope: bool) -> LayerArgs | None:
+    """Norm weights fp32 contiguous, bias fp32 contiguous or None; None without the library."""
+    if gemv.DECODE_LIBRARY.lib is None:
+        return None
     args = LayerArgs(attn_norm.data_ptr(), None if bias is None else bias.data_ptr(), mlp_norm.data_ptr(),
                      qkv.blocks.data_ptr(), o.blocks.data_ptr(), gate_up.blocks.data_ptr(),
                      down.blocks.data_ptr(), attn_eps, mlp_eps, head_dim ** -0.5, _type(qkv), _type(o),
                      _type(gate_up), _type(down), attn_norm.shape[0], n_heads, n_kv, head_dim,
                      down.in_features, int(rope))
-    args.held = (attn_norm, bias, mlp_norm, qkv, o, gate_up, down)
+    args.held, args.step, args.usable = (attn_norm, bias, mlp_norm, qkv, o, gate_up, down), gemv.DECODE_LIBRARY.lib.block_layer_step, usable
     return args
 
 
-def decode_layers(args: list[LayerArgs], x: torch.Tensor, rope: tuple | None, direct) -> torch.Tensor | None:
-    """Every layer of a decode step through `block_layer_step`, the loop kept to one native call a
-    layer: x (M, H) the embedded tokens (not modified), args the layers' `LayerArgs` in depth
-    order, `direct` the cache's `direct_decode`. None (nothing run) when the cache does not offer
+def decode_layers(args: list, x: torch.Tensor, rope: tuple | None, direct) -> torch.Tensor | None:
+    """Every layer of a decode step through its whole-layer native call (`block_layer_step`, or
+    `dense_layer.LayerArgs`'s `dense_layer_step`), the loop kept to one call a layer: x (M, H) the
+    embedded tokens (not modified), args the layers' `LayerArgs` in depth order (each knows its
+    `step`), `direct` the cache's `direct_decode`. None (nothing run) when the cache does not offer
     the step; else the residual stream after the last layer."""
     if direct(0) is None:
         return None
@@ -105,9 +108,8 @@ def decode_layers(args: list[LayerArgs], x: torch.Tensor, rope: tuple | None, di
     if rope is not None:
         cos, sin = (t.reshape(m, -1).contiguous() for t in rope)
     xp, cp, sp = x.data_ptr(), None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr()
-    step = gemv.DECODE_LIBRARY.lib.block_layer_step
     for depth, a in enumerate(args):
-        step(ctypes.byref(a), xp, cp, sp, m, *direct(depth))
+        a.step(ctypes.byref(a), xp, cp, sp, m, *direct(depth))
     return x
 
 

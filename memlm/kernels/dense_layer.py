@@ -14,6 +14,9 @@ tests compare against), and `usable`, whether a step of M rows may take this pat
 library is built and M <= MAX_ROWS). The fused steps round to bf16 where the bf16 method's
 torch path (`DecoderLayer._forward_fused`) rounds, so the two agree up to fp32 summation order.
 Scratch: a few rows of the layer's widths per call (under 50 KiB at MAX_ROWS rows for SmolLM2).
+`LayerArgs` packs a layer's constants once for the whole-layer call (`dense_layer_step`: both steps
+around the cache write and the native paged attention, the same roundings), which
+`block_layer.decode_layers` runs for every layer of a decode step.
 Does not know: layers, attention or the KV cache (`memlm.models.blocks` calls these around
 `kv.attend`), or how the weights were loaded (`memlm.models.linear.bf16` holds them plain).
 """
@@ -34,7 +37,31 @@ LIBRARY = native.Library("decode_bf16", "decode_bf16.c", {
     "dense_head": [_P, _P, _P, _I, _I, _I],
     "dense_attn_in": [_P, _P, _F, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I],
     "dense_attn_out_mlp": [_P, _P, _P, _F, _P, _P, _P, _I, _I, _I, _I],
+    "dense_layer_step": [_P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _P, _I, _I, _P],
 })
+
+
+class LayerArgs(ctypes.Structure):
+    """decode_bf16.c's dense_args: one decoder layer's constants. Holds the tensors it points
+    into; `step` is the native whole-layer call (`block_layer.decode_layers` runs it)."""
+    _fields_ = [(n, ctypes.c_void_p) for n in ("attn_norm", "qkv_bias", "mlp_norm", "Wqkv", "Wo", "Wgu", "Wd")] \
+        + [(n, ctypes.c_float) for n in ("attn_eps", "mlp_eps", "scale")] \
+        + [(n, ctypes.c_int) for n in ("H", "n_heads", "n_kv", "hd", "I", "rope")]
+
+
+def layer_args(attn_norm: torch.Tensor, attn_eps: float, qkv: torch.Tensor, bias: torch.Tensor | None,
+               mlp_norm: torch.Tensor, mlp_eps: float, o: torch.Tensor, gate_up: torch.Tensor,
+               down: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, rope: bool) -> LayerArgs | None:
+    """Norm weights and bias fp32 contiguous, the weights plain bf16; None without the library."""
+    if not available():
+        return None
+    for w in (qkv, o, gate_up, down):
+        _check(w)
+    args = LayerArgs(attn_norm.data_ptr(), None if bias is None else bias.data_ptr(), mlp_norm.data_ptr(),
+                     qkv.data_ptr(), o.data_ptr(), gate_up.data_ptr(), down.data_ptr(), attn_eps, mlp_eps,
+                     head_dim ** -0.5, attn_norm.shape[0], n_heads, n_kv, head_dim, down.shape[1], int(rope))
+    args.held, args.step, args.usable = (attn_norm, bias, mlp_norm, qkv, o, gate_up, down), LIBRARY.lib.dense_layer_step, usable
+    return args
 
 
 def available() -> bool:

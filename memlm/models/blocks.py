@@ -271,9 +271,9 @@ class DecoderLayer(nn.Module):
             self._block_args = (attn.n_heads, attn.n_kv, attn.hd, attn.use_rope, *norms[0], held[0],
                                 None if bias is None else bias.detach().float().contiguous(), *norms[1],
                                 *held[1:])
-            if self._step_kind == "blocks":     # the whole layer in one native call (`Transformer.forward`)
-                a = self._block_args
-                self._layer_args = block_layer.layer_args(*a[4:], attn.n_heads, attn.n_kv, attn.hd, attn.use_rope)
+            # the whole layer in one native call (`Transformer.forward`, `block_layer.decode_layers`)
+            self._layer_args = _STEP_KERNELS[self._step_kind].layer_args(
+                *self._block_args[4:], attn.n_heads, attn.n_kv, attn.hd, attn.use_rope)
 
     def forward(self, x, depth: int, kv, rope):
         if self.block_step and x.device.type == "cpu" and _STEP_KERNELS[self._step_kind].usable(x.shape[0]):

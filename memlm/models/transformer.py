@@ -71,10 +71,11 @@ class Transformer(nn.Module):
                                  f"{self.cfg.max_position_embeddings} learned positions")
             x = x + self.pos_embed(positions)
         rope = self.rotary.cos_sin(positions) if self.rotary is not None else None
-        if hidden_states is None and x.device.type == "cpu" and block_layer.usable(x.shape[0]):
+        if hidden_states is None and x.device.type == "cpu":
             args = [self.layers[i]._layer_args for i in self.cfg.layer_order]
             direct = getattr(kv, "direct_decode", None)
-            if direct is not None and all(a is not None for a in args):   # a native call per layer
+            if (args and direct is not None and all(a is not None for a in args) and args[0].usable(x.shape[0])
+                    and all(a.step is args[0].step for a in args)):               # a native call per layer
                 out = block_layer.decode_layers(args, x, rope, direct)
                 if out is not None:
                     return self.final_norm(out)

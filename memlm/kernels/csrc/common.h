@@ -1,7 +1,7 @@
 /* Helpers shared by memlm's C kernels; each kernel source includes this first.
 
    Owns: a branch-free scalar e^x (exp_approx), the software prefetch of the weight rows ahead
-   (prefetch_row) and, on AVX-512, e^x's 16-lane form (exp512) and bf16x16 load / store (round
+   (prefetch_row), the paged attention kernel's signature (paged_attend_fn) and, on AVX-512, e^x's 16-lane form (exp512) and bf16x16 load / store (round
    to nearest even).
    Does not know: any kernel; keep only code that more than one kernel family uses. */
 #ifndef MEMLM_KERNELS_COMMON_H
@@ -35,6 +35,12 @@ static inline void prefetch_row(const void* row, int64_t bytes) {
     const char* p = (const char*)row + PREFETCH_AHEAD;
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
 }
+
+/* paged_attention.c's paged_decode_attention_* (q, kc, vc, ks, vs, tables, lens, out, mass, B,
+   nh, nkv, hd, block size, max_nb, scale), as the whole-layer decode steps call it by address */
+typedef void (*paged_attend_fn)(const float*, const void*, const void*, const float*, const float*,
+                                const int64_t*, const int64_t*, float*, float*, int, int, int, int, int,
+                                int, float);
 
 #if defined(__AVX512F__)
 #include <immintrin.h>

@@ -6,6 +6,8 @@
      dense_attn_in      rms_norm(x) -> bf16 -> qkv projection (+ bias) -> bf16 -> RoPE -> bf16
      dense_attn_out_mlp x += bf16(o_proj(a)); h = bf16(rms_norm(x));
                         x += bf16(down(bf16(silu(g) * u))) with [g | u] = bf16(h . Wgu^T)
+     dense_layer_step   the two above around the new k / v rows written into a paged float cache
+                        and paged_attention.c's decode kernel (called by address): a whole layer
 
    Products: AVX512-BF16 `vdpbf16ps` (pairs of bf16 products summed into fp32 lanes) where the
    compiler targets it, else a plain C loop over the same bf16 values in fp32; the LM head
@@ -234,4 +236,45 @@ void dense_attn_out_mlp(float* x, const uint16_t* attn, const float* norm_w, flo
     }
     free(gu);
     free(t);
+}
+
+/* One decoder layer's constants (dense_layer.py's LayerArgs mirrors it). */
+typedef struct {
+    const float *attn_norm, *qkv_bias, *mlp_norm;
+    const uint16_t *Wqkv, *Wo, *Wgu, *Wd;
+    float attn_eps, mlp_eps, scale;
+    int H, n_heads, n_kv, hd, I, rope;
+} dense_args;
+
+/* A whole decoder layer for M decode tokens, one per sequence, with the two-call path's roundings:
+   dense_attn_in; each row's k and v (bf16) into its cache slot (fp16 or fp32 rows of n_kv * hd);
+   attention through `attend` on the bf16 q; its output rounded to bf16 into dense_attn_out_mlp. */
+void dense_layer_step(const dense_args* L, float* x, const float* cos_, const float* sin_, int M,
+                      void* kc, void* vc, int kv_f16, const int64_t* slots, const int64_t* tables,
+                      const int64_t* lens, int max_nb, int bs, paged_attend_fn attend) {
+    const int nq = L->n_heads * L->hd, kvw = L->n_kv * L->hd, Nq = nq + 2 * kvw;
+    if (M <= 0) return;
+    uint16_t* qkv = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)M * ((size_t)Nq + nq));
+    float* qf = (float*)malloc(sizeof(float) * (size_t)M * 2 * nq);
+    if (qkv == NULL || qf == NULL) { free(qkv); free(qf); return; }
+    uint16_t* ab = qkv + (size_t)M * Nq;
+    float* o = qf + (size_t)M * nq;
+    dense_attn_in(x, L->attn_norm, L->attn_eps, L->Wqkv, L->qkv_bias, L->rope ? cos_ : NULL,
+                  L->rope ? sin_ : NULL, qkv, M, L->H, Nq, L->n_heads + L->n_kv, L->hd);
+    for (int r = 0; r < M; r++) {
+        const uint16_t* yr = qkv + (int64_t)r * Nq;
+        for (int e = 0; e < nq; e++) qf[(int64_t)r * nq + e] = bf2f(yr[e]);
+        if (kv_f16) {
+            _Float16 *kr = (_Float16*)kc + slots[r] * kvw, *vr = (_Float16*)vc + slots[r] * kvw;
+            for (int e = 0; e < kvw; e++) { kr[e] = (_Float16)bf2f(yr[nq + e]); vr[e] = (_Float16)bf2f(yr[nq + kvw + e]); }
+        } else {
+            float *kr = (float*)kc + slots[r] * kvw, *vr = (float*)vc + slots[r] * kvw;
+            for (int e = 0; e < kvw; e++) { kr[e] = bf2f(yr[nq + e]); vr[e] = bf2f(yr[nq + kvw + e]); }
+        }
+    }
+    attend(qf, kc, vc, NULL, NULL, tables, lens, o, NULL, M, L->n_heads, L->n_kv, L->hd, bs, max_nb, L->scale);
+    to_bf16(o, ab, (int64_t)M * nq);
+    dense_attn_out_mlp(x, ab, L->mlp_norm, L->mlp_eps, L->Wo, L->Wgu, L->Wd, M, L->H, nq, L->I);
+    free(qkv);
+    free(qf);
 }

@@ -462,17 +462,12 @@ typedef struct {
     int type_qkv, type_o, type_gu, type_d, H, n_heads, n_kv, hd, I, rope;
 } layer_args;
 
-/* paged_attention.c's paged_decode_attention_* (q, kc, vc, ks, vs, tables, lens, out, mass, B,
-   nh, nkv, hd, block size, max_nb, scale), passed by address */
-typedef void (*attend_fn)(const float*, const void*, const void*, const float*, const float*,
-                          const int64_t*, const int64_t*, float*, float*, int, int, int, int, int, int, float);
-
 /* A whole decoder layer for M decode tokens, one per sequence: attn_in_f32; each row's k and v
    into its cache slot (fp16 or fp32 rows of n_kv * hd); attention through `attend` over the
    block tables; attn_out_mlp on the fp32 attention output. x (M, H) fp32 is updated in place. */
 void block_layer_step(const layer_args* L, float* x, const float* cos_, const float* sin_, int M,
                       void* kc, void* vc, int kv_f16, const int64_t* slots, const int64_t* tables,
-                      const int64_t* lens, int max_nb, int bs, attend_fn attend) {
+                      const int64_t* lens, int max_nb, int bs, paged_attend_fn attend) {
     const int nq = L->n_heads * L->hd, kvw = L->n_kv * L->hd, Nq = nq + 2 * kvw;
     if (block_bytes(L->type_qkv) == 0 || M <= 0 || L->H % QK) return;
     float* buf = (float*)malloc(sizeof(float) * (size_t)M * ((size_t)Nq + 2 * (size_t)nq));

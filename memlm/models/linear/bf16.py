@@ -33,16 +33,20 @@ from memlm.models.linear.base import Embedding, Linear, LinearMethod, register
 REFINE_TOP = 16   # logits recomputed exactly (fp32) per row, see Bf16Method.logits
 
 
-def native_decode_enabled() -> bool:
+def native_decode_enabled(small_batches: bool = False) -> bool:
     """Whether small CPU steps run `dense_layer`'s native bf16 kernels on plain weights:
-    MEMLM_BF16_DECODE=0 (the default: oneDNN's packed weights), auto (on CPUs without AMX) or 1
-    (wherever the kernels build). Measured on SmolLM2 (AMD EPYC Zen 5, 2 threads, 2026-12-03,
-    BENCHMARKS.md): plain weights decode a single stream at 0.87-0.88x llama.cpp's F16 instead of
-    0.65x and hold 257 instead of 311 MiB (the tied head is not kept a second time, packed), but
-    larger batches then run oneDNN on unpacked weights: the 128-request workload's batched decode
-    probe fell from 926 to 558 tok/s and the workload from 277 to 259 tok/s (one pair of runs).
-    bf16 is the weight dtype for large batches, so packed stays the default."""
-    env = os.environ.get("MEMLM_BF16_DECODE", "0")
+    MEMLM_BF16_DECODE=0 (oneDNN's packed weights), auto (on CPUs without AMX) or 1 (wherever the
+    kernels build); unset (the default): `small_batches`, which `LLM` sets when its engine never
+    holds more than `dense_layer.MAX_ROWS` sequences (`max_num_seqs`), so every decode step takes
+    the native whole-layer call. Measured on SmolLM2: a single stream decodes at 1.22-1.24x
+    llama.cpp's F16 natively against 0.56x packed (Xeon with AMX, 2026-12-03, eighth round) and
+    holds 257 instead of 311 MiB (the tied head is not kept a second time, packed), but larger
+    batches run oneDNN on unpacked weights: the 128-request workload's batched decode probe fell
+    from 926 to 558 tok/s and the workload from 277 to 259 tok/s (AMD EPYC, fifth round), so
+    engines that batch keep the packed weights."""
+    env = os.environ.get("MEMLM_BF16_DECODE")
+    if env is None:
+        return small_batches
     if env not in ("auto", "0", "1"):
         raise ValueError(f"MEMLM_BF16_DECODE={env!r}: use 0 (packed oneDNN), auto (native decode "
                          "without AMX) or 1 (always)")
@@ -102,7 +106,8 @@ class Bf16Method(LinearMethod):
     stream, bf16 where the next consumer is bf16 anyway), `post_op` (packed bf16 output only).
 
     native_decode: small steps run `dense_layer`'s kernels on plain weights (see
-    `native_decode_enabled`: a CPU without AMX, where decode_bf16.c builds).
+    `native_decode_enabled`: by default for `small_batches`, an engine of at most
+    `dense_layer.MAX_ROWS` sequences, where decode_bf16.c builds).
     pack: hold CPU weights in oneDNN's packed layout (without `native_decode`); off for a model
     bound for a GPU (packed tensors are CPU-only and would not move with it).
     """
@@ -110,10 +115,12 @@ class Bf16Method(LinearMethod):
     name = "bf16"
     inner_dtype = torch.bfloat16
     fused_layers = True
+    options = ("small_batches",)
 
-    def __init__(self, device: torch.device | str | None = None):
+    def __init__(self, device: torch.device | str | None = None, small_batches: bool = False):
         super().__init__(device)
-        self.native_decode = self.device.type == "cpu" and native_decode_enabled() and dense_layer.available()
+        self.native_decode = (self.device.type == "cpu" and native_decode_enabled(small_batches)
+                              and dense_layer.available())
         self.pack = self.device.type == "cpu" and not self.native_decode
         self.cast = CastCache()              # one per model: its projections share inputs
 

@@ -214,3 +214,23 @@ def random_rope(rows: int, head_dim: int):
     """(cos, sin) tables of random angles, (rows, head_dim) each, in the rotate-half layout."""
     ang = torch.rand(rows, head_dim // 2) * 6
     return torch.cat([ang.cos()] * 2, 1).contiguous(), torch.cat([ang.sin()] * 2, 1).contiguous()
+
+
+def whole_layer_decodes(llm, monkeypatch, n_prompts: int = 4, max_tokens: int = 6):
+    """Greedy tokens of `n_prompts` short prompts through `llm`, first with decode steps free to
+    take the whole-layer native calls (`block_layer.decode_layers`), then with the cache refusing
+    them (`PagedView.direct_decode` -> None): (tokens, tokens without, steps that took them)."""
+    from memlm import SamplingParams
+    from memlm.kernels import block_layer
+    from memlm.kv import paged_view
+    taken = []
+    real = block_layer.decode_layers
+    monkeypatch.setattr(block_layer, "decode_layers", lambda *a: taken.append(real(*a)) or taken[-1])
+    prompts = [{"prompt_token_ids": [5 + i, 6, 7 + 2 * i, 9]} for i in range(n_prompts)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    whole = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    n = sum(t is not None for t in taken)
+    monkeypatch.setattr(paged_view.PagedView, "direct_decode", lambda self, depth: None)
+    apart = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert sum(t is not None for t in taken) == n                    # none taken the second time
+    return whole, apart, n

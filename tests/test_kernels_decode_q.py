@@ -201,19 +201,10 @@ def test_the_engine_decodes_through_the_whole_layer_step(q4_1_file, kv_dtype, mo
     """Decode steps of a block model in the engine take `decode_layers` (one native call per
     layer) on a float cache and give the 3-call path's tokens: the same model and cache, other
     roundings."""
-    from memlm import LLM, SamplingParams
-    from memlm.kv import paged_view
+    from memlm import LLM
+    from helpers import whole_layer_decodes
     llm = LLM(str(q4_1_file), kv_dtype=kv_dtype, max_num_seqs=4, verbose=False)
-    calls = []
-    real = block_layer.decode_layers
-    monkeypatch.setattr(block_layer, "decode_layers", lambda *a: calls.append(real(*a)) or calls[-1])
-    prompts = [{"prompt_token_ids": [5 + i, 6, 7 + 2 * i, 9]} for i in range(4)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert sum(c is not None for c in calls) >= 5                    # every decode step
-    monkeypatch.setattr(paged_view.PagedView, "direct_decode", lambda self, depth: None)
-    n = sum(c is not None for c in calls)
-    apart = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert sum(c is not None for c in calls) == n                   # ... and none now
+    fused, apart, steps = whole_layer_decodes(llm, monkeypatch)
+    assert steps >= 5                                                  # every decode step
     same = sum(a == b for f, p in zip(fused, apart) for a, b in zip(f, p))
     assert same >= 0.8 * sum(map(len, fused)), (fused, apart)     # near-ties of a random model may flip

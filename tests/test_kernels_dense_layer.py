@@ -143,25 +143,16 @@ def test_small_engines_decode_bf16_weights_through_the_whole_layer_step(f16_file
     """By default an `LLM` of at most MAX_ROWS sequences holds bf16 weights plain and runs each
     decode step's layers as one native call each (`dense_layer_step`); its tokens are the two-call
     path's, bit for bit (the same roundings); a larger engine keeps oneDNN's packed weights."""
-    from memlm import LLM, SamplingParams
-    from memlm.kernels import block_layer
-    from memlm.kv import paged_view
+    from memlm import LLM
+    from helpers import whole_layer_decodes
     monkeypatch.delenv("MEMLM_BF16_DECODE", raising=False)
     assert not any(layer.block_step for layer in
                    LLM(str(f16_file), weight_dtype="bf16", max_num_seqs=16, verbose=False).model.layers)
     llm = LLM(str(f16_file), weight_dtype="bf16", kv_dtype=kv_dtype, max_num_seqs=4, verbose=False)
     assert all(layer.block_step and layer._step_kind == "dense" for layer in llm.model.layers)
-    calls = []
-    real = block_layer.decode_layers
-    monkeypatch.setattr(block_layer, "decode_layers", lambda *a: calls.append(real(*a)) or calls[-1])
-    prompts = [{"prompt_token_ids": [5 + i, 6, 7 + 2 * i, 9]} for i in range(4)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    whole = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    n = sum(c is not None for c in calls)
-    assert n >= 5                                                      # every decode step
-    monkeypatch.setattr(paged_view.PagedView, "direct_decode", lambda self, depth: None)
-    apart = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert sum(c is not None for c in calls) == n and whole == apart
+    whole, apart, steps = whole_layer_decodes(llm, monkeypatch)
+    assert steps >= 5 and whole == apart                               # every decode step, the same tokens
+    monkeypatch.undo()
     monkeypatch.setenv("MEMLM_BF16_DECODE", "0")                                  # packed, whatever the engine
     assert not any(layer.block_step for layer in
                    LLM(str(f16_file), weight_dtype="bf16", max_num_seqs=1, verbose=False).model.layers)

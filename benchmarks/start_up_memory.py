@@ -65,9 +65,10 @@ def child(args) -> None:
     if weight_dtype == "auto":
         from memlm.loading import native_weight_dtype
         weight_dtype = native_weight_dtype(name) or "bf16"
+    options = {"small_batches": True} if weight_dtype == "bf16" else {}   # as LLM(max_num_seqs=1)
     with budget.loading():
-        budget.check_load_fits(*estimate_load_bytes(name, weight_dtype), what=name)
-        loaded = load_model(name, weight_dtype=weight_dtype)
+        budget.check_load_fits(*estimate_load_bytes(name, weight_dtype, **options), what=name)
+        loaded = load_model(name, weight_dtype=weight_dtype, **options)
     mark("weights + tokenizer")
     knobs = {k: v for k, v in (("max_num_batched_tokens", args.batch_tokens), ("num_kv_blocks", args.kv_blocks))
              if v is not None}

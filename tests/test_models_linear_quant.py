@@ -1,5 +1,6 @@
 """Weight-only quantized linear methods (int8, int4): each codec's round-trip error bound, each
-method against dequantize-then-matmul over odd shapes, the int8 embedding / LM head, the bytes
+method against dequantize-then-matmul over odd shapes, int8 projections as Q8_0 blocks, the int8
+embedding / LM head, the bytes
 they hold, a tiny model through LLM close to fp32, and the one-line errors."""
 import pytest
 import torch
@@ -22,6 +23,20 @@ def _weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 0.1
             + 0.01 * torch.randn(n, 1, generator=g))
+
+
+@pytest.mark.parametrize("n, k, chunk", [(7, 33, 1024), (50, 64, 16), (300, 576, 64), (3, 1000, 1)])
+def test_int8_projections_are_llama_cpp_q8_0_blocks(n, k, chunk):
+    """Float projections quantized on load become Q8_0 blocks, byte for byte what gguf writes
+    (K padded to whole blocks, any chunking), held for the native block kernels."""
+    from memlm.kernels import gemv
+    w = _weights(n, k, seed=n + k)
+    held = gemv.quantize_q8_0(w, chunk_rows=chunk)
+    assert torch.equal(held.blocks, gemv.quantize(w, "q8_0").blocks)
+    assert held.codec == "q8_0" and (held.out_features, held.in_features) == (n, k)
+    layer = linear_holding(w, None, Int8Method())
+    assert layer.weight is None and layer.block_weight.codec == "q8_0"
+    assert torch.equal(layer.block_weight.blocks, held.blocks)
 
 
 @pytest.mark.parametrize("n, k", [(7, 33), (50, 64), (300, 576)])

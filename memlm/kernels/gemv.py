@@ -153,6 +153,26 @@ def quantize(w: torch.Tensor, codec: str) -> BlockWeight:
     return BlockWeight(torch.from_numpy(np.ascontiguousarray(raw)).view(n, -1), codec, k, n)
 
 
+def quantize_q8_0(w: torch.Tensor, chunk_rows: int = 1024) -> BlockWeight:
+    """fp32 (N, K) -> Q8_0 blocks in torch, `chunk_rows` rows at a time (a few MiB of temporaries):
+    per block of 32, d = max|w| / 127 (stored fp16) and q = roundf(w * (1 / d)): byte for byte
+    what `quantize(w, "q8_0")` (gguf's numpy quantizer) writes, without its whole-tensor copies."""
+    n, k = w.shape
+    kp = -(-k // QK) * QK
+    out = torch.empty(n, kp // QK * BLOCK_BYTES["q8_0"], dtype=torch.uint8)
+    for r in range(0, n, chunk_rows):
+        x = F.pad(w[r:r + chunk_rows].detach().float(), (0, kp - k)).view(-1, kp // QK, QK)
+        d = x.abs().amax(-1, keepdim=True) / 127
+        inv = torch.where(d > 0, 1 / d.clamp_min(torch.finfo(torch.float32).tiny), 0)   # as gguf: x * (1 / d)
+        v = x * inv
+        a = v.abs()
+        q = torch.sign(v) * (a.floor() + (2 * (a - a.floor())).floor())    # C roundf: halves away from 0
+        blocks = out[r:r + chunk_rows].view(-1, kp // QK, BLOCK_BYTES["q8_0"])
+        blocks[..., :2] = d.to(torch.float16).view(torch.uint8).view(blocks.shape[0], -1, 2)
+        blocks[..., 2:] = q.to(torch.int8).view(torch.uint8)
+    return BlockWeight(out, "q8_0", k, n)
+
+
 def _half(b: torch.Tensor, at: int) -> torch.Tensor:
     """The fp16 at byte `at` of each block (..., G, bytes) as fp32 (..., G, 1)."""
     return b[..., at:at + 2].contiguous().view(torch.float16).float()

@@ -5,11 +5,14 @@ GGUF file's own Q4_1 (projections) and Q8_0 (embedding, tied head) blocks, so it
 the first (the same weights dequantized to fp32) measures the compute path alone.
 
 Text: the first 1024 tokens of two files of the Python 3.11 documentation (Debian package
-`python3.11-doc`, `make data` installs it); nothing in memlm was tuned on them. The engine runs
+`python3.11-doc`, `make data` installs it); nothing in memlm was tuned on them. Those 2,046
+scored tokens resolve about +-0.15% of perplexity between settings (the settings share most of
+their rounding, yet single tokens move by ~0.03 nats); `--docs wide` scores 16 files (~16,000
+tokens, ~8x the time), which resolves differences of a few hundredths of a percent. The engine runs
 with 128-token steps, so most of each text's attention reads K/V back from the paged cache
 (only a step's own chunk attends to fresh K/V), which is what the KV dtype affects.
 
-    python benchmarks/quality.py [--threads 1] [--tokens 1024] [--only int4]
+    python benchmarks/quality.py [--threads 1] [--tokens 1024] [--only int4] [--docs two|wide]
 
 Each setting runs in its own process (MEMLM_NATIVE must be set before the kernels load).
 """
@@ -25,6 +28,11 @@ from pathlib import Path
 
 DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 FILES = ["tutorial/classes.rst.txt", "library/functions.rst.txt"]
+WIDE_FILES = [f"tutorial/{name}.rst.txt" for name in (       # the tutorial's files over 12 kB
+    "classes", "controlflow", "datastructures", "errors", "inputoutput", "introduction", "modules", "stdlib2")] + [
+    f"library/{name}.rst.txt" for name in (
+        "collections", "itertools", "json", "re", "os.path", "string", "datetime", "pathlib")]
+DOCS_SETS = {"two": FILES, "wide": WIDE_FILES}
 SETTINGS = [  # (label, weight dtype[:int4 group size][@step tokens], kv_dtype, MEMLM_NATIVE[:VAR=VALUE,...])
     ("fp32 weights, fp32 KV", "float32", "float32", "1"),
     ("fp32 weights, fp16 KV", "float32", "float16", "1"),
@@ -42,6 +50,11 @@ SETTINGS = [  # (label, weight dtype[:int4 group size][@step tokens], kv_dtype, 
      "1:MEMLM_INT8_ACTIVATIONS=0,MEMLM_AMX=0"),
     # CPUs with AMX: from gemv.AMX_MIN_ROWS rows the AMX bf16 GEMM (the default there), and without it
     ("int4 g32 blocks kept (native), AMX off (8-bit GEMM), fp32 KV", "int4:32", "float32", "1:MEMLM_AMX=0"),
+    # the same with the second plane in more blocks: max |x| over 4x / 2x the row's rms, not 16x
+    ("int4 g32 blocks kept (native), AMX off, GEMM auto:4 planes, fp32 KV", "int4:32", "float32",
+     "1:MEMLM_AMX=0,MEMLM_GEMM_PLANES=auto:4"),
+    ("int4 g32 blocks kept (native), AMX off, GEMM auto:2 planes, fp32 KV", "int4:32", "float32",
+     "1:MEMLM_AMX=0,MEMLM_GEMM_PLANES=auto:2"),
     # 8-token steps: every matmul but the head takes the decode kernels (rows <= 8), with 8-bit
     # activations per block of 32 (AVX-512 VNNI) and without (fp32 activations)
     ("int4 g32 blocks kept, 8-token steps, 8-bit activations, fp32 KV", "int4:32@8", "float32", "1"),
@@ -60,7 +73,7 @@ SETTINGS = [  # (label, weight dtype[:int4 group size][@step tokens], kv_dtype, 
 ]
 
 
-def worker(dtype: str, kv_dtype: str, tokens: int) -> dict:
+def worker(dtype: str, kv_dtype: str, tokens: int, files: list[str]) -> dict:
     from memlm import LLM, SamplingParams
     dtype, _, step = dtype.partition("@")
     dtype, _, group = dtype.partition(":")
@@ -68,7 +81,7 @@ def worker(dtype: str, kv_dtype: str, tokens: int) -> dict:
               kv_dtype=kv_dtype, max_num_batched_tokens=int(step) if step else 128,
               weight_group_size=int(group) if group else None)
     total, n, top1 = 0.0, 0, []
-    for name in FILES:
+    for name in files:
         ids = llm.tokenizer.encode((DOCS / name).read_text())[:tokens]
         out = llm.generate([{"prompt_token_ids": ids}],
                            SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
@@ -86,13 +99,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per document")
     ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--only", default=None, help="run only the settings whose label contains this")
+    ap.add_argument("--docs", choices=sorted(DOCS_SETS), default="two",
+                    help="held-out text: two files (2,046 tokens) or wide (16 files, ~16,000 tokens)")
     args = ap.parse_args()
     if args.worker:
         import torch
         torch.set_num_threads(args.threads)
-        print(json.dumps(worker(*args.worker, args.tokens)))
+        print(json.dumps(worker(*args.worker, args.tokens, DOCS_SETS[args.docs])))
         return
-    if not all((DOCS / f).is_file() for f in FILES):
+    if not all((DOCS / f).is_file() for f in DOCS_SETS[args.docs]):
         sys.exit(f"error: {DOCS} is missing: run `make data` (installs python3.11-doc)")
     rows, base = [], None
     for label, dtype, kv, native in SETTINGS:
@@ -101,7 +116,8 @@ def main() -> None:
         native, _, extra = native.partition(":")
         env = dict(os.environ, MEMLM_NATIVE=native, **dict(pair.split("=") for pair in extra.split(",") if pair))
         out = subprocess.run([sys.executable, __file__, "--worker", dtype, kv, "--threads", str(args.threads),
-                              "--tokens", str(args.tokens)], env=env, capture_output=True, text=True, check=True)
+                              "--tokens", str(args.tokens), "--docs", args.docs],
+                             env=env, capture_output=True, text=True, check=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])
         base = base or res
         agree = sum(a == b for a, b in zip(res["top1"], base["top1"])) / len(base["top1"])

@@ -107,17 +107,21 @@ def _selective(x: torch.Tensor, kp: int, ratio: float) -> tuple[torch.Tensor, to
 @needs_gemm
 @pytest.mark.parametrize("codec", gemv.CODECS)
 @pytest.mark.parametrize("n, k, m", [(100, 576, 100), (31, 1000, 513), (40, 1536, 9), (17, 2050, 33)])
-def test_auto_planes_add_the_second_plane_to_outlier_blocks_only(codec, n, k, m, monkeypatch):
+@pytest.mark.parametrize("ratio", [None, 3.0])
+def test_auto_planes_add_the_second_plane_to_outlier_blocks_only(codec, n, k, m, ratio, monkeypatch):
     """Rows with a massive channel, as SmolLM2's hidden states have, beside plain rows: the
     kernel's result is the exact product of the activations the simulation above forms (a second
-    plane in the outlier blocks, one elsewhere), and much closer than one plane's in those rows."""
+    plane in the outlier blocks, one elsewhere), and much closer than one plane's in those rows.
+    `auto:3` moves the line: many plain rows' blocks then take the second plane too."""
     held, x = _case(codec, n, k, m, n + k + m)
     g = torch.Generator().manual_seed(m)
     hot = torch.rand(m, generator=g) < 0.5
     x[hot, k // 3] = 250.0                   # one massive channel: > 16 x the row's rms from K = 576 on
     x[hot, 2 * k // 3 + 5] *= 10.0
-    xs, two = _selective(x, held.padded_in, gemv.OUTLIER_RATIO)
-    assert bool(two[hot].any()) and not bool(two[~hot].any())
+    if ratio is not None:
+        monkeypatch.setenv("MEMLM_GEMM_PLANES", f"auto:{ratio}")
+    xs, two = _selective(x, held.padded_in, ratio or gemv.OUTLIER_RATIO)
+    assert bool(two[hot].any()) and bool(two[~hot].any()) == (ratio is not None)
     y = gemv.block_matmul(x, held)
     w = F.pad(gemv.dequantize(held).double(), (0, held.padded_in - held.in_features))
     want = xs @ w.t()
@@ -129,13 +133,23 @@ def test_auto_planes_add_the_second_plane_to_outlier_blocks_only(codec, n, k, m,
     err_auto = (y.double() - exact)[hot].norm()
     err_one = (one.double() - exact)[hot].norm()
     assert float(err_auto) < 0.5 * float(err_one)
-    torch.testing.assert_close(y[~hot], one[~hot], rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+    plain = ~two.any(1)                      # rows without a second plane: one plane's result
+    assert bool(plain.any()) or ratio is not None      # at 3 x the rms every plain row may have one
+    torch.testing.assert_close(y[plain], one[plain], rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
 
 
-def test_a_bad_plane_count_is_refused(monkeypatch):
-    monkeypatch.setenv("MEMLM_GEMM_PLANES", "3")
-    with pytest.raises(ValueError, match="MEMLM_GEMM_PLANES must be 1, 2 or auto"):
+@pytest.mark.parametrize("bad", ["3", "auto:", "auto:0", "auto:-2", "auto:x", "auto:inf", "2:4"])
+def test_a_bad_plane_setting_is_refused(monkeypatch, bad):
+    monkeypatch.setenv("MEMLM_GEMM_PLANES", bad)
+    with pytest.raises(ValueError, match="MEMLM_GEMM_PLANES must be 1, 2, auto or auto:R"):
         gemv.gemm_planes()
+
+
+def test_auto_planes_take_an_outlier_ratio(monkeypatch):
+    monkeypatch.setenv("MEMLM_GEMM_PLANES", "auto:4")
+    assert gemv.gemm_planes() == (2, 4.0)
+    monkeypatch.setenv("MEMLM_GEMM_PLANES", "auto")
+    assert gemv.gemm_planes() == (2, gemv.OUTLIER_RATIO)
 
 
 @needs_gemm

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,8 +101,6 @@ def int8_activations() -> bool:
     1.6-2x faster per call on Zen 5 at decode sizes, 1.3-3.6x the bf16 tiles from 8 to 512 rows,
     `benchmarks/weight_kernels.py`), or as `MEMLM_INT8_ACTIVATIONS` says (1: on, with the plain
     C integer paths on other CPUs; 0: off). Read per call: tests switch it."""
-    import os
-
     env = os.environ.get("MEMLM_INT8_ACTIVATIONS", "")
     on = has_vnni() if env == "" else env != "0"
     return on and DECODE_LIBRARY.lib is not None
@@ -207,8 +206,6 @@ def int8_gemm(rows: int | None = None) -> bool:
     activations flips the embedded model's greedy answer to the Quickstart prompt ("What is the
     capital of France?": "L'Etoile, la Marseillaise, ..." instead of "The capital of France is
     Paris."). `1`: at every row count; `0`: never. Read per call: tests switch it."""
-    import os
-
     mode = os.environ.get("MEMLM_INT8_GEMM", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"MEMLM_INT8_GEMM must be auto, 0 or 1, got {mode!r}")
@@ -220,10 +217,9 @@ def int8_gemm(rows: int | None = None) -> bool:
     return planes == 2 and (rows is None or rows <= GEMM_AUTO_MAX_ROWS)
 
 
-# `auto` planes: a block of 32 gets the second plane where its max |x| exceeds this many times
-# the row's root mean square. On the Quickstart prompt 32 already keeps the answer (0.2% of the
-# prefill's blocks); 16 (about 2%) leaves a margin (BENCHMARKS.md, "A second plane for outlier
-# blocks").
+# `auto` planes: a second plane where a block's max |x| exceeds this many times the row's rms.
+# 32 keeps the Quickstart answer (0.2% of its blocks), 16 (~2%) leaves a margin; lower ratios buy
+# perplexity with throughput (BENCHMARKS.md, "A second plane for outlier blocks", "Ninth round").
 OUTLIER_RATIO = 16.0
 
 
@@ -231,14 +227,15 @@ def gemm_planes() -> tuple[int, float]:
     """(planes, outlier ratio) of the blocked GEMM's activations, `MEMLM_GEMM_PLANES`: `auto`
     (the default) quantizes each block of 32 to 8 bits and adds a second 8-bit plane (what the
     first left, ~15 bits in all) only to blocks with a massive channel (max |x| > OUTLIER_RATIO
-    x the row's rms); `2` gives every block both planes; `1` none (llama.cpp's Q8 activations).
-    Read per call: tests switch it."""
-    import os
-
+    x the row's rms; `auto:R` uses R, for the LM head's GEMM too); `2` gives every block both
+    planes; `1` none (llama.cpp's Q8 activations). Read per call: tests switch it."""
     env = os.environ.get("MEMLM_GEMM_PLANES", "auto")
-    if env not in ("1", "2", "auto"):
-        raise ValueError(f"MEMLM_GEMM_PLANES must be 1, 2 or auto, got {env!r}")
-    return (2, OUTLIER_RATIO) if env == "auto" else (int(env), 0.0)
+    if env in ("1", "2", "auto"):
+        return (2, OUTLIER_RATIO) if env == "auto" else (int(env), 0.0)
+    ratio = env[5:] if env.startswith("auto:") else ""
+    if ratio.replace(".", "", 1).isdigit() and float(ratio) > 0:
+        return 2, float(ratio)
+    raise ValueError(f"MEMLM_GEMM_PLANES must be 1, 2, auto or auto:R (R > 0, the outlier ratio), got {env!r}")
 
 
 def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False,
@@ -264,7 +261,7 @@ def block_matmul(x: torch.Tensor, weight: BlockWeight, exact: bool = False,
     if m >= GEMM_MIN_ROWS and not exact and int8_gemm(m):
         return _int8_gemm(x, weight)
     if exact and m >= TILE_MIN_ROWS and _exact_gemm():
-        return _int8_gemm(x, weight, (2, OUTLIER_RATIO))
+        return _int8_gemm(x, weight, (2, gemm_planes()[1] or OUTLIER_RATIO))
     if m >= TILE_MIN_ROWS and _bf16_gemm_is_fast():
         return _tiled_bf16_matmul(x, weight)
     y = torch.empty(m, weight.out_features, dtype=torch.float32)
@@ -281,8 +278,6 @@ def amx_gemm(rows: int) -> bool:
     """Whether a block matmul of `rows` rows takes gemm_amx.c: `MEMLM_AMX` `auto` (the default)
     from AMX_MIN_ROWS rows on where the CPU has AMX, the library built with it and Linux grants
     the tile state; `1` at every row count (where it can run); `0` never. Read per call."""
-    import os
-
     mode = os.environ.get("MEMLM_AMX", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"MEMLM_AMX must be auto, 0 or 1, got {mode!r}")
@@ -320,9 +315,9 @@ def _amx_gemm(x: torch.Tensor, weight: BlockWeight, out_dtype: torch.dtype = tor
 
 
 def _exact_gemm() -> bool:
-    """Whether the `exact` LM head takes the GEMM with `auto` planes (whatever
-    MEMLM_GEMM_PLANES says) from TILE_MIN_ROWS rows on instead of the bf16 tiles: where the GEMM
-    is on at all. It keeps no per-shape state, so the head costs no oneDNN state per row bucket
+    """Whether the `exact` LM head takes the GEMM with `auto` planes (`auto:R`'s R where set, else
+    whatever MEMLM_GEMM_PLANES says) from TILE_MIN_ROWS rows on instead of the bf16 tiles, where the
+    GEMM is on at all. It keeps no per-shape state, so the head costs no oneDNN state per row bucket
     (25 MiB resident on SmolLM2 at 512-token steps, and a warm-up transient), at the tiles' speed
     (`benchmarks/weight_kernels.py`: 5.27 against 5.33 ms at 32 rows; both planes everywhere
     took 9.1 ms). Below TILE_MIN_ROWS the head keeps fp32 activations (exact greedy picks)."""

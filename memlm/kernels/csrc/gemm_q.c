@@ -127,12 +127,27 @@ static void quantize_row(const xact* a, int r, const float* x, int off, int plan
         }
         const float up = d0 > 0.f ? 256.f / d0 : 0.f;
         int sum1 = 0;
+#if defined(__AVX512F__)
+        const __m512 vd = _mm512_set1_ps(d0), vup = _mm512_set1_ps(up);
+        const __m512i top = _mm512_set1_epi32(127), bottom = _mm512_set1_epi32(-127);
+        __m512i vsum = _mm512_setzero_si512();
+        for (int h = 0; h < QK; h += 16) {        /* the scalar loop's roundings: no fused multiply-add */
+            const __m512 q0f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q0 + h))));
+            const __m512 rest = _mm512_sub_ps(_mm512_loadu_ps(xb + h), _mm512_mul_ps(vd, q0f));
+            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(rest, vup));
+            v = _mm512_max_epi32(_mm512_min_epi32(v, top), bottom);
+            _mm_storeu_si128((__m128i*)(q1 + h), _mm512_cvtsepi32_epi8(v));
+            vsum = _mm512_add_epi32(vsum, v);
+        }
+        sum1 = _mm512_reduce_add_epi32(vsum);
+#else
         for (int j = 0; j < QK; j++) {
             float v = nearbyintf((xb[j] - d0 * (float)q0[j]) * up);
             v = v > 127.f ? 127.f : v < -127.f ? -127.f : v;
             q1[j] = (int8_t)v;
             sum1 += (int)v;
         }
+#endif
         d[g] = d0 / 256.f;
         s[g] = d[g] * (float)(256 * sum0 + sum1);
         bias[g] = -off * (256 * sum0 + sum1);

@@ -74,14 +74,16 @@ bench-setup-vllm:
 # benchmarks/serve_load.py, in its own venv; built from source for this CPU (~8 minutes on 2 cores).
 # On CPUs with AMX a native build takes ggml's AMX int8 path, which dies with a general protection
 # fault in libggml-cpu on the first request (llama-cpp-python 0.3.36, Xeon with AMX, 2026-12-03):
-# there the build names the AVX-512 / VNNI / BF16 kernels instead of -march=native.
+# there the build names the AVX-512 / VNNI / BF16 kernels instead of -march=native. pip's wheel
+# cache does not key on CMAKE_ARGS, so the build skips it: a wheel cached on another CPU kind, or
+# with the native flags, segfaulted here on its first request (2026-12-04).
 LLAMACPP_CMAKE_ARGS ?= $(shell grep -q amx_int8 /proc/cpuinfo 2>/dev/null \
 	&& echo "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" \
 	|| echo "-DGGML_NATIVE=ON")
 .PHONY: bench-setup-llamacpp
 bench-setup-llamacpp:
 	$(PYTHON) -m venv .venv-llamacpp
-	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" .venv-llamacpp/bin/pip install -q "llama-cpp-python[server]==0.3.36"
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" .venv-llamacpp/bin/pip install -q --no-cache-dir "llama-cpp-python[server]==0.3.36"
 
 # lm-evaluation-harness for benchmarks/lmeval_check.py (its scores against memlm serve equal
 # memlm's own), in its own venv; it reuses the local torch 2.13.0 CPU build.
